@@ -1,0 +1,22 @@
+"""Names shared by producers and workers: task names, queue names, scheduler names.
+
+Plain strings only: a producer machine imports this without torch, diffusers or openvino.
+"""
+
+from __future__ import annotations
+
+GENERATE_TASK = "darkroom.generate"
+CONVERT_TASK = "darkroom.convert"
+
+CONVERT_QUEUE = "convert"
+CALIBRATE_QUEUE = "calibrate"
+
+# The schedulers a request may name, mapped to diffusers classes on the worker (workers/schedulers.py).
+SCHEDULER_NAMES: tuple[str, ...] = ("pndm", "ddim", "lms", "euler", "euler-a", "unipc", "dpm++2m")
+
+FAMILIES: tuple[str, ...] = ("sd",)
+
+
+def generate_queue(device: str) -> str:
+    """The generation queue a worker pinned to `device` consumes, e.g. generate.CPU, generate.GPU.0."""
+    return f"generate.{device}"
