@@ -1,10 +1,18 @@
-"""Session fixtures shared by the suite: tiny random-weight models built from configs."""
+"""Session fixtures: tiny random-weight models built from configs, and real Redis and S3 servers."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from broker.settings import Settings
+
+S3_ACCESS_KEY = "darkroom-test"
+S3_SECRET_KEY = "darkroom-test-secret-key"
+REDIS_PASSWORD = "darkroom-test-redis-password"
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +27,39 @@ def tiny_bksdm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from workers.tiny_models import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-bksdm") / "model", seed=0, variant="bk-sdm")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real Redis on a free port, with a password, for the whole session."""
+    from broker.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis.start(password=REDIS_PASSWORD, data_dir=tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real S3 server (SeaweedFS) that enforces its access keys."""
+    from tests.services import SeaweedS3
+
+    server = SeaweedS3.start(tmp_path_factory.mktemp("seaweed"), access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY)
+    yield server
+    server.stop()
+
+
+def s3_env(endpoint: str, *, secret: str = S3_SECRET_KEY) -> dict[str, str]:
+    return {"DARKROOM_S3_ENDPOINT": endpoint, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def redis_db_url(server: Any, db: int) -> str:
+    """The session's Redis, another database: each module's workers get queues of their own."""
+    return server.url.rsplit("/", 1)[0] + f"/{db}"
+
+
+def queue_settings_for(root: Path, broker_url: str, storage_url: str | None = None) -> Settings:
+    # f32 inference so images are comparable with diffusers; the suite is about correctness, not speed.
+    return Settings(broker_url=broker_url, storage_url=storage_url or str(root / "storage"),
+                    cache_dir=root / "cache", inference_precision="f32", max_retries=2)

@@ -1,0 +1,28 @@
+# darkroom: `make demo` and `make test` are the two commands a new user runs.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.darkroom-installed
+
+.PHONY: demo test lint bench clean install
+
+install: $(STAMP)
+
+# One install for everything: producer, worker, embedded services and test tools, pinned by constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[worker,embedded,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/darkroom demo
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/queue_overhead.py
+
+clean:
+	rm -rf $(VENV) darkroom-data .pytest_cache

@@ -1,0 +1,53 @@
+"""The Celery application, built from settings by a function: nothing connects at import."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from broker.settings import Settings
+from tasks.names import CALIBRATE_QUEUE, CONVERT_QUEUE, CONVERT_TASK, GENERATE_TASK, generate_queue
+
+
+def make_app(settings: Settings) -> Celery:
+    """A Celery app for producers and workers alike; workers register their tasks on it."""
+    app = Celery("darkroom", broker=settings.broker_url, backend=settings.backend_url, set_as_current=False)
+    app.conf.update(
+        # JSON only on the wire: a pickled message is refused, never executed.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        event_serializer="json",
+        # Every job may run twice: ack after the job, requeue when a worker dies, take one at a time.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            # Sweep for messages of dead workers every 10 s instead of kombu's default ~100 s; a message
+            # is handed back once it has been unacknowledged for the visibility timeout.
+            "unacked_restore_interval": 10,
+            "unacked_restore_throttle": 1,
+        },
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        result_expires=settings.progress_ttl,
+        task_default_queue=generate_queue("CPU"),
+        task_routes={CONVERT_TASK: {"queue": CONVERT_QUEUE}, GENERATE_TASK: {"queue": generate_queue("CPU")}},
+        task_track_started=True,
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        worker_hijack_root_logger=False,
+        enable_utc=True,
+    )
+    return app
+
+
+def worker_queues(device: str, extra: list[str] | None = None) -> list[Queue]:
+    """The queues a worker pinned to `device` consumes: its generation queue plus any extra ones."""
+    names = [generate_queue(device), *(extra or [])]
+    return [Queue(name) for name in dict.fromkeys(names)]
+
+
+KNOWN_QUEUES = (CONVERT_QUEUE, CALIBRATE_QUEUE)

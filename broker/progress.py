@@ -1,0 +1,120 @@
+"""Batch progress in Redis: one record per item, counts kept by a script so re-runs count once."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from broker.settings import redact_url
+from tasks.errors import ServiceUnavailable
+from tasks.schemas import ItemResult
+
+# A done item stays done: a late duplicate delivery that fails must not undo a finished image.
+_RECORD = """
+local prev = redis.call('HGET', KEYS[2], ARGV[1])
+if not (prev == 'done' and ARGV[3] ~= 'done') then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+  if prev ~= ARGV[3] then
+    if prev then redis.call('HINCRBY', KEYS[3], prev, -1) end
+    redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
+  end
+end
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+return redis.call('HMGET', KEYS[3], 'total', 'done', 'failed')
+"""
+
+
+@dataclass(frozen=True)
+class BatchCounts:
+    batch_id: str
+    total: int
+    done: int
+    failed: int
+
+    @property
+    def finished(self) -> int:
+        return self.done + self.failed
+
+    @property
+    def state(self) -> str:
+        if self.total and self.finished >= self.total:
+            return "completed" if not self.failed else "completed_with_failures"
+        return "running" if self.finished else "queued"
+
+
+class BatchProgress:
+    """Reads and writes batch progress; the client is made on first use, not at construction."""
+
+    def __init__(self, redis_url: str, *, ttl: int = 14 * 24 * 3600) -> None:
+        self.redis_url = redis_url
+        self.ttl = ttl
+        self._client: redis.Redis | None = None
+
+    @property
+    def client(self) -> redis.Redis:
+        if self._client is None:
+            self._client = redis.Redis.from_url(
+                self.redis_url, decode_responses=True, socket_connect_timeout=5, socket_timeout=30,
+                health_check_interval=30, retry_on_timeout=True,
+            )
+        return self._client
+
+    def ping(self) -> None:
+        """Fail with one clear line when the broker cannot be reached."""
+        try:
+            self.client.ping()
+        except redis.AuthenticationError as exc:
+            raise ServiceUnavailable(f"the broker at {redact_url(self.redis_url)} refused the credentials "
+                                     f"({exc})") from None
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            raise ServiceUnavailable(f"cannot reach the broker at {redact_url(self.redis_url)} ({exc})") from None
+
+    def start(self, batch_id: str, total: int, meta: dict[str, Any]) -> None:
+        """Register a batch; registering it again (a resubmission) keeps its progress."""
+        key = _key(batch_id, "meta")
+        pipe = self.client.pipeline()
+        pipe.hsetnx(key, "total", total)
+        pipe.hsetnx(key, "created", time.time())
+        pipe.hsetnx(key, "meta", json.dumps(meta, sort_keys=True))
+        pipe.expire(key, self.ttl)
+        pipe.execute()
+
+    def exists(self, batch_id: str) -> bool:
+        return bool(self.client.exists(_key(batch_id, "meta")))
+
+    def record(self, result: ItemResult) -> BatchCounts:
+        keys = [_key(result.batch_id, part) for part in ("items", "status", "meta")]
+        args = [result.index, result.model_dump_json(), result.status, self.ttl]
+        total, done, failed = self.client.eval(_RECORD, 3, *keys, *args)
+        return BatchCounts(result.batch_id, int(total or 0), int(done or 0), int(failed or 0))
+
+    def counts(self, batch_id: str) -> BatchCounts | None:
+        total, done, failed = self.client.hmget(_key(batch_id, "meta"), "total", "done", "failed")
+        if total is None:
+            return None
+        return BatchCounts(batch_id, int(total), int(done or 0), int(failed or 0))
+
+    def status_of(self, batch_id: str) -> dict[int, str]:
+        return {int(k): v for k, v in self.client.hgetall(_key(batch_id, "status")).items()}
+
+    def items(self, batch_id: str) -> list[ItemResult]:
+        raw = self.client.hgetall(_key(batch_id, "items"))
+        return sorted((ItemResult.model_validate_json(v) for v in raw.values()), key=lambda r: r.index)
+
+    def meta(self, batch_id: str) -> dict[str, Any]:
+        raw = self.client.hget(_key(batch_id, "meta"), "meta")
+        return json.loads(raw) if raw else {}
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def _key(batch_id: str, part: str) -> str:
+    return f"darkroom:batch:{batch_id}:{part}"

@@ -1,0 +1,3 @@
+from darkroom.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,281 @@
+"""The `darkroom` command. Worker-side packages are imported only by worker-side subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_FAILED_ITEMS = 1
+EXIT_INVALID = 2
+EXIT_UNAVAILABLE = 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_INVALID
+    return run_reporting_errors(args.func, args)
+
+
+def run_reporting_errors(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """User errors and unreachable services are one line on stderr and an exit code, never a traceback."""
+    import redis
+    from kombu.exceptions import OperationalError
+
+    from storage import StorageError
+    from tasks.errors import InvalidRequest, ServiceUnavailable
+
+    try:
+        return func(args)
+    except InvalidRequest as exc:
+        return _fail(str(exc), EXIT_INVALID)
+    except (ServiceUnavailable, StorageError, OperationalError, redis.ConnectionError, redis.TimeoutError) as exc:
+        from broker.settings import redact_url
+
+        message = str(exc)
+        for url in (getattr(args, "broker_url", None), getattr(args, "storage_url", None)):
+            if url:
+                message = message.replace(url, redact_url(url))
+        return _fail(message, EXIT_UNAVAILABLE)
+    except TimeoutError as exc:
+        return _fail(str(exc), EXIT_UNAVAILABLE)
+    except KeyboardInterrupt:
+        print("darkroom: interrupted", file=sys.stderr)
+        return 130
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"darkroom: error: {message}", file=sys.stderr)
+    return code
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from broker.settings import Settings
+
+    return Settings.from_env(broker_url=args.broker_url, storage_url=args.storage_url)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from tasks.producer import submit
+
+    handle = submit(
+        args.prompts if args.prompts != "-" else sys.stdin.read().splitlines(), model=args.model,
+        steps=args.steps, guidance=args.guidance, width=args.width, height=args.height, seed=args.seed,
+        negative_prompt=args.negative_prompt or "", images_per_prompt=args.images_per_prompt,
+        scheduler=args.scheduler, device=args.device, precision=args.precision, batch_id=args.batch_id,
+        column=args.column, queue=args.queue, skip_invalid=args.skip_invalid, settings=_settings(args),
+    )
+    for problem in handle.invalid:
+        print(f"darkroom: skipped {problem}", file=sys.stderr)
+    if not args.wait:
+        if args.json:
+            print(json.dumps({"batch_id": handle.batch_id, "total": handle.total, "invalid": list(handle.invalid)}))
+        else:
+            print(f"batch {handle.batch_id}: {handle.total} image(s) queued")
+        return 0
+    summary = _wait_with_progress(handle, quiet=args.json, timeout=args.timeout)
+    _print_summary(summary, as_json=args.json)
+    return EXIT_FAILED_ITEMS if summary.failed else 0
+
+
+def _wait_with_progress(handle: Any, *, quiet: bool, timeout: float | None) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if quiet:
+        return handle.wait(timeout=timeout)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn())
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task(handle.batch_id, total=handle.total, failed=0)
+        return handle.wait(timeout=timeout, on_progress=lambda c: bar.update(task, completed=c.finished,
+                                                                             failed=c.failed))
+
+
+def _print_summary(summary: Any, *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary.as_json(), indent=2))
+        return
+    print(f"batch {summary.batch_id}: {summary.state}, {summary.done} done, {summary.failed} failed "
+          f"of {summary.total}")
+    for item in summary.items:
+        if item.status == "failed":
+            print(f"  item {item.index} ({item.prompt!r}): {item.error}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tasks.producer import batch_summary
+
+    summary = batch_summary(_check_batch(args.batch), _settings(args))
+    if args.json:
+        print(json.dumps(summary.as_json(), indent=2))
+    else:
+        _print_summary(summary, as_json=False)
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from storage import keys, open_storage
+    from tasks.producer import batch_summary
+
+    settings = _settings(args)
+    summary = batch_summary(_check_batch(args.batch), settings)
+    if args.download:
+        storage = open_storage(settings.storage_url)
+        target = Path(args.download)
+        target.mkdir(parents=True, exist_ok=True)
+        for item in summary.items:
+            if item.status == "done":
+                name = Path(keys.image_key(summary.batch_id, item.index)).name
+                (target / name).write_bytes(storage.get_bytes(keys.image_key(summary.batch_id, item.index)))
+        print(f"downloaded {summary.done} image(s) to {target}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(summary.as_json(), indent=2))
+    else:
+        for item in summary.items:
+            print(f"{item.index}\t{item.status}\t{item.seed}\t{item.uri or item.error}\t{item.prompt}")
+    return EXIT_FAILED_ITEMS if summary.failed else 0
+
+
+def _check_batch(batch: str) -> str:
+    from storage import keys
+    from tasks.errors import InvalidRequest
+
+    try:
+        return keys.check_name("batch", batch)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), field="batch") from None
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.serve import UnknownDevice, run_worker
+
+    queues = [q for q in (args.queues or "").split(",") if q] or None
+    try:
+        run_worker(_settings(args), device=args.device, queues=queues, preload=args.preload,
+                   concurrency=args.concurrency, loglevel=args.loglevel)
+    except UnknownDevice as exc:
+        return _fail(str(exc), EXIT_INVALID)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from tasks.producer import submit_convert
+
+    result = submit_convert(args.source, name=args.name, weight_format=args.weight_format,
+                            settings=_settings(args), make_default=not args.no_default)
+    if not args.wait:
+        print(f"conversion {result.id} queued")
+        return 0
+    outcome = result.get(timeout=args.timeout, propagate=False)
+    if not isinstance(outcome, dict) or outcome.get("status") != "done":
+        error = outcome.get("error") if isinstance(outcome, dict) else outcome
+        return _fail(f"conversion of {args.source} failed: {error}", EXIT_INVALID)
+    if args.json:
+        print(json.dumps(outcome, indent=2))
+    else:
+        print(f"{outcome['name']}: {outcome['precision']} {outcome['fingerprint']} at {outcome['uri']}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from storage import open_storage
+    from tasks.models import default_of, list_artifacts
+
+    storage = open_storage(_settings(args).storage_url)
+    artifacts = list_artifacts(storage, args.name)
+    if args.json:
+        print(json.dumps(artifacts, indent=2))
+        return 0
+    if not artifacts:
+        print("no models yet: convert one with `darkroom convert SOURCE --name NAME`")
+    for m in artifacts:
+        default = default_of(storage, m["name"]) or {}
+        mark = "*" if default.get("fingerprint") == m["fingerprint"] and default.get("precision") == m[
+            "precision"] else " "
+        size = m.get("bytes", 0) / 2**20
+        d = m.get("defaults", {})
+        print(f"{mark} {m['name']:<24} {m['precision']:<5} {m['fingerprint']}  {m.get('family', 'sd'):<4} "
+              f"{d.get('width')}x{d.get('height')}  {size:8.1f} MiB  {m.get('created', '')[:19]}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from darkroom.demo import run_demo
+
+    return run_demo(Path(args.data_dir), steps=args.steps, size=args.size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tasks.names import SCHEDULER_NAMES
+
+    parser = argparse.ArgumentParser(prog="darkroom", description=__doc__)
+    parser.add_argument("--broker-url", help="Redis URL (env DARKROOM_BROKER_URL)")
+    parser.add_argument("--storage-url", help="local folder or s3://bucket/prefix (env DARKROOM_STORAGE_URL)")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the whole system on embedded defaults")
+    p.add_argument("--data-dir", default="darkroom-data")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--size", type=int, default=128)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("submit", help="submit a prompt batch")
+    p.add_argument("prompts", help=".txt, .jsonl, .csv, a datasets folder/file/name, or - for stdin")
+    p.add_argument("--model", required=True)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--seed", type=int, help="batch seed; item seeds derive from it and the item index")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--images-per-prompt", type=int, default=1)
+    p.add_argument("--scheduler", help=f"one of {', '.join(SCHEDULER_NAMES)}")
+    p.add_argument("--device", default="CPU", help="OpenVINO device whose queue takes the batch")
+    p.add_argument("--precision", help="pin an artifact precision (fp16, fp32, int8)")
+    p.add_argument("--batch-id", help="name the batch; resubmitting a name only enqueues unfinished items")
+    p.add_argument("--column", help="the prompt column of a CSV or dataset")
+    p.add_argument("--queue", help="send to this queue instead of generate.DEVICE")
+    p.add_argument("--skip-invalid", action="store_true", help="enqueue the valid lines, report the others")
+    p.add_argument("--wait", action="store_true", help="show progress; exit 1 if any item failed")
+    p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    p.set_defaults(func=cmd_submit)
+
+    for name, func, text in (("status", cmd_status, "a batch's progress"),
+                             ("results", cmd_results, "a batch's items")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("batch")
+        p.add_argument("--json", action="store_true")
+        if name == "results":
+            p.add_argument("--download", metavar="DIR", help="copy the batch's images into DIR")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("worker", help="run a worker pinned to one OpenVINO device")
+    p.add_argument("--device", default="CPU")
+    p.add_argument("--queues", help="comma-separated queues (default: generate.DEVICE)")
+    p.add_argument("--preload", action="append", metavar="MODEL", help="compile MODEL before taking jobs")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("convert", help="convert a diffusers model to OpenVINO IR in storage")
+    p.add_argument("source", help="a local diffusers folder or a Hugging Face repo id")
+    p.add_argument("--name", required=True)
+    p.add_argument("--weight-format", choices=("fp16", "fp32"), default="fp16")
+    p.add_argument("--no-default", action="store_true", help="do not make it the model's default")
+    p.add_argument("--no-wait", dest="wait", action="store_false")
+    p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("models", help="list converted models")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+    return parser

@@ -1,0 +1,110 @@
+"""`darkroom demo`: the whole system on one machine with embedded defaults, started and stopped cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEMO_MODEL = "tiny-sd"
+DEMO_PROMPTS = [
+    "a lighthouse on a cliff at dusk, oil painting",
+    "a red fox in fresh snow, photograph",
+    "an astronaut reading a newspaper on the moon",
+    "a bowl of ramen, studio lighting",
+    "a watercolor map of an imaginary island",
+    "a cat wearing a tiny wizard hat",
+    "a steam locomotive crossing a stone bridge",
+    "a neon-lit street in the rain at night",
+    "a field of sunflowers under a thunderstorm",
+    "a paper boat on a puddle, macro photograph",
+]
+
+
+def run_demo(data_dir: Path, *, steps: int = 20, size: int = 128, seed: int = 42) -> int:
+    """Embedded Redis, one CPU worker, local storage under `data_dir`; everything stops on exit or Ctrl-C."""
+    from broker.embedded import EmbeddedRedis
+
+    from broker.settings import Settings
+
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # Service state lives beside the objects, in a dot folder the storage layout never uses.
+    local = data_dir / ".local"
+    redis_server = EmbeddedRedis.start(data_dir=local / "redis")
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        settings = Settings(broker_url=redis_server.url, storage_url=str(data_dir),
+                            cache_dir=local / "cache")
+        print(f"[1/5] Redis on {redis_server.url}; storage in {data_dir}")
+        source = _tiny_model(local / "sources" / DEMO_MODEL)
+        worker = _start_worker(settings, local / "worker.log")
+        print(f"[3/5] worker pid {worker.pid} on device CPU (log: {local / 'worker.log'})")
+        _convert(source, settings)
+        return _render(settings, steps=steps, size=size, seed=seed)
+    finally:
+        _stop_worker(worker)
+        redis_server.stop()
+        print("stopped the worker and Redis")
+
+
+def _tiny_model(target: Path) -> Path:
+    from workers.tiny_models import build_tiny_sd
+
+    fresh = not (target / "model_index.json").exists()
+    build_tiny_sd(target, seed=0, variant="sd")
+    print(f"[2/5] {'built' if fresh else 'reusing'} a tiny random-weight SD model at {target}")
+    return target
+
+
+def _start_worker(settings: object, log_path: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **settings.as_env()}  # type: ignore[attr-defined]
+    log = log_path.open("ab")
+    # Its own session: Ctrl-C reaches the demo, which then shuts the worker down in order.
+    return subprocess.Popen(
+        [sys.executable, "-m", "darkroom", "worker", "--device", "CPU", "--queues", "generate.CPU,convert",
+         "--loglevel", "WARNING"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def _convert(source: Path, settings: object) -> None:
+    from tasks.producer import submit_convert
+
+    started = time.perf_counter()
+    outcome = submit_convert(str(source), name=DEMO_MODEL, settings=settings).get(timeout=900)  # type: ignore[arg-type]
+    if outcome.get("status") != "done":
+        raise RuntimeError(f"conversion failed: {outcome.get('error')}")
+    print(f"[4/5] converted to OpenVINO IR: {outcome['uri']} ({time.perf_counter() - started:.1f} s)")
+
+
+def _render(settings: object, *, steps: int, size: int, seed: int) -> int:
+    from darkroom.cli import _print_summary, _wait_with_progress
+    from darkroom.contact_sheet import write_contact_sheet
+    from storage import open_storage
+    from tasks.producer import submit
+
+    handle = submit(DEMO_PROMPTS, model=DEMO_MODEL, steps=steps, width=size, height=size, seed=seed,
+                    settings=settings)  # type: ignore[arg-type]
+    print(f"[5/5] batch {handle.batch_id}: {handle.total} prompts through the queue")
+    summary = _wait_with_progress(handle, quiet=False, timeout=1800)
+    _print_summary(summary, as_json=False)
+    storage = open_storage(settings.storage_url)  # type: ignore[attr-defined]
+    sheet = write_contact_sheet(storage, summary.batch_id, list(summary.items))
+    print(f"images: {storage.uri(f'images/{summary.batch_id}/')}")
+    print(f"contact sheet: {sheet}")
+    return 1 if summary.failed else 0
+
+
+def _stop_worker(worker: subprocess.Popen[bytes] | None) -> None:
+    if worker is None or worker.poll() is not None:
+        return
+    worker.send_signal(signal.SIGTERM)  # Celery's warm shutdown: the running job finishes
+    try:
+        worker.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()

@@ -1,0 +1,70 @@
+"""What models storage holds, read the way a producer needs it: without any worker-side package."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from storage import ObjectNotFound, Storage, keys
+from tasks.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """One artifact of a model, pinned by fingerprint, with the defaults a request falls back to."""
+
+    name: str
+    precision: str
+    fingerprint: str
+    family: str
+    width: int
+    height: int
+    scheduler: str
+
+
+def list_artifacts(storage: Storage, name: str | None = None) -> list[dict[str, Any]]:
+    """Every artifact manifest under models/ (or one model's), oldest first."""
+    prefix = keys.models_prefix() + (f"{keys.check_name('model', name)}/" if name else "")
+    manifests = [storage.get_json(k) for k in storage.list_keys(prefix) if _is_artifact_manifest(k)]
+    return sorted(manifests, key=lambda m: (m.get("name", ""), m.get("created", "")))
+
+
+def default_of(storage: Storage, name: str) -> dict[str, Any] | None:
+    try:
+        return storage.get_json(keys.model_default_key(name))
+    except ObjectNotFound:
+        return None
+
+
+def resolve_model(storage: Storage, name: str, precision: str | None = None) -> ModelRef:
+    """The artifact a new job of `name` uses: the model's default, or its newest of `precision`."""
+    try:
+        keys.check_name("model", name)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), field="model") from None
+    artifacts = list_artifacts(storage, name)
+    if not artifacts:
+        known = sorted({m["name"] for m in list_artifacts(storage)})
+        hint = f" (known: {', '.join(known)})" if known else " (none converted yet: run `darkroom convert`)"
+        raise InvalidRequest(f"unknown model {name!r}{hint}", field="model")
+    chosen = None
+    default = default_of(storage, name)
+    if precision is None and default is not None:
+        chosen = next((m for m in artifacts if m["fingerprint"] == default["fingerprint"]
+                       and m["precision"] == default["precision"]), None)
+    if chosen is None:
+        candidates = [m for m in artifacts if precision is None or m["precision"] == precision]
+        if not candidates:
+            have = ", ".join(sorted({m["precision"] for m in artifacts}))
+            raise InvalidRequest(f"model {name!r} has no {precision} artifact (has: {have})", field="precision")
+        chosen = candidates[-1]
+    d = chosen.get("defaults", {})
+    return ModelRef(name=name, precision=chosen["precision"], fingerprint=chosen["fingerprint"],
+                    family=chosen.get("family", "sd"), width=int(d.get("width", 512)),
+                    height=int(d.get("height", 512)), scheduler=d.get("scheduler", "pndm"))
+
+
+def _is_artifact_manifest(key: str) -> bool:
+    # models/<name>/<precision>/<fingerprint>/manifest.json
+    parts = key.split("/")
+    return len(parts) == 5 and parts[-1] == "manifest.json"

@@ -1,0 +1,257 @@
+"""submit(...): validate a prompt batch, then enqueue one generation task per image, by name, as JSON."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from broker.app import make_app
+from broker.progress import BatchCounts, BatchProgress
+from broker.settings import Settings
+from storage import ObjectNotFound, StorageError, keys, open_storage
+from tasks.errors import InvalidRequest, ServiceUnavailable
+from tasks.models import ModelRef, resolve_model
+from tasks.names import CONVERT_QUEUE, CONVERT_TASK, GENERATE_TASK, generate_queue
+from tasks.prompts import PromptLine, load_prompts, require_prompts
+from tasks.schemas import ConvertJob, GenerateJob, ItemResult, Limits, check_scheduler, check_size
+from tasks.seeds import derive_seed, random_batch_seed
+
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 7.5
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    batch_id: str
+    state: str
+    total: int
+    done: int
+    failed: int
+    items: tuple[ItemResult, ...]
+    invalid: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "batch_id": self.batch_id, "state": self.state, "total": self.total, "done": self.done,
+            "failed": self.failed, "invalid": list(self.invalid),
+            "items": [i.model_dump(include={"index", "prompt", "seed", "status", "uri", "error"})
+                      for i in self.items],
+        }
+
+
+@dataclass
+class BatchHandle:
+    """A submitted batch: poll it, wait for it, read its results."""
+
+    batch_id: str
+    total: int
+    settings: Settings
+    invalid: tuple[str, ...] = ()
+    enqueued: int = 0
+    _progress: BatchProgress | None = field(default=None, repr=False)
+
+    @property
+    def progress(self) -> BatchProgress:
+        if self._progress is None:
+            self._progress = BatchProgress(self.settings.broker_url, ttl=self.settings.progress_ttl)
+        return self._progress
+
+    def counts(self) -> BatchCounts:
+        return batch_counts(self.batch_id, self.settings, self.progress)
+
+    def wait(self, *, timeout: float | None = None, poll: float = 0.5,
+             on_progress: Callable[[BatchCounts], None] | None = None) -> BatchSummary:
+        """Block until every item is done or failed; TimeoutError after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            counts = self.counts()
+            if on_progress:
+                on_progress(counts)
+            if counts.total and counts.finished >= counts.total:
+                return self.summary()
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"batch {self.batch_id}: {counts.finished}/{counts.total} finished "
+                                   f"after {timeout:.0f} s")
+            time.sleep(poll)
+
+    def summary(self) -> BatchSummary:
+        return batch_summary(self.batch_id, self.settings, self.progress, invalid=self.invalid)
+
+
+def submit(
+    prompts: str | Path | Sequence[str | dict[str, Any]],
+    *,
+    model: str,
+    steps: int | None = None,
+    guidance: float | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    seed: int | None = None,
+    negative_prompt: str = "",
+    images_per_prompt: int = 1,
+    scheduler: str | None = None,
+    device: str = "CPU",
+    precision: str | None = None,
+    batch_id: str | None = None,
+    column: str | None = None,
+    queue: str | None = None,
+    skip_invalid: bool = False,
+    settings: Settings | None = None,
+) -> BatchHandle:
+    """Validate everything, then enqueue one task per image. Nothing is enqueued if validation fails."""
+    settings = settings or Settings.from_env()
+    limits = Limits.from_env()
+    # 1. Parse and validate the prompts and the batch-wide options.
+    parsed = load_prompts(prompts, column=column, limits=limits)
+    lines = require_prompts(parsed, skip_invalid=skip_invalid)
+    batch_id = _batch_id(batch_id)
+    if scheduler is not None:
+        scheduler = _field(check_scheduler, scheduler, "scheduler")
+    # 2. Reach the services before doing anything that lasts.
+    progress = BatchProgress(settings.broker_url, ttl=settings.progress_ttl)
+    progress.ping()
+    storage = open_storage(settings.storage_url)
+    ref = resolve_model(storage, model, precision)
+    # 3. Expand prompts into jobs: one per image, with deterministic seeds.
+    batch_seed = random_batch_seed() if seed is None else _field(_check_seed, seed, "seed")
+    defaults = {"steps": steps or DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE if guidance is None else guidance,
+                "width": width or ref.width, "height": height or ref.height,
+                "scheduler": scheduler or ref.scheduler, "negative_prompt": negative_prompt,
+                "images_per_prompt": images_per_prompt}
+    jobs = _expand(lines, defaults, ref, batch_id, batch_seed, device, limits)
+    if len(jobs) > limits.max_items:
+        raise InvalidRequest(f"{len(jobs)} images is more than the {limits.max_items} allowed", field="prompts")
+    # 4. Record the request (storage) and the batch (Redis) before the first task can finish.
+    request = {"batch_id": batch_id, "batch_seed": batch_seed, "model": ref.name, "precision": ref.precision,
+               "fingerprint": ref.fingerprint, "created": datetime.now(UTC).isoformat(),
+               "total": len(jobs), "items": [j.model_dump() for j in jobs]}
+    storage.put_json(keys.batch_request_key(batch_id), request)
+    progress.start(batch_id, len(jobs), {"model": ref.name, "fingerprint": ref.fingerprint})
+    # 5. Enqueue, skipping items a previous submission of the same batch already finished.
+    finished = {i for i, status in progress.status_of(batch_id).items() if status == "done"}
+    enqueued = send_jobs(jobs, settings, queue=queue or generate_queue(device), skip=finished)
+    invalid = tuple(str(p) for p in parsed.problems)
+    return BatchHandle(batch_id, len(jobs), settings, invalid, enqueued, progress)
+
+
+def send_jobs(jobs: Sequence[GenerateJob], settings: Settings, *, queue: str, skip: set[int] | None = None) -> int:
+    """Enqueue generation jobs by task name; task ids are deterministic (batch.index)."""
+    app = make_app(settings)
+    sent = 0
+    with app.producer_or_acquire() as producer:
+        for job in jobs:
+            if skip and job.index in skip:
+                continue
+            app.send_task(GENERATE_TASK, kwargs={"job": job.model_dump()}, queue=queue,
+                          task_id=f"{job.batch_id}.{job.index}", producer=producer)
+            sent += 1
+    return sent
+
+
+def submit_convert(source: str, *, name: str, weight_format: str = "fp16", settings: Settings | None = None,
+                   make_default: bool = True) -> Any:
+    """Enqueue a conversion job on the convert queue; returns its Celery AsyncResult."""
+    settings = settings or Settings.from_env()
+    try:
+        keys.check_name("model", name)
+        job = ConvertJob(name=name, source=str(source), weight_format=weight_format, make_default=make_default)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc).splitlines()[0], field="name") from None
+    if Path(source).exists() and not (Path(source) / "model_index.json").exists():
+        raise InvalidRequest(f"{source} is not a diffusers model folder (no model_index.json)", field="source")
+    BatchProgress(settings.broker_url).ping()
+    app = make_app(settings)
+    return app.send_task(CONVERT_TASK, kwargs={"job": job.model_dump()}, queue=CONVERT_QUEUE)
+
+
+def batch_counts(batch_id: str, settings: Settings, progress: BatchProgress | None = None) -> BatchCounts:
+    progress = progress or BatchProgress(settings.broker_url)
+    counts = progress.counts(batch_id)
+    if counts is not None:
+        return counts
+    manifest = _manifest(batch_id, settings)
+    return BatchCounts(batch_id, manifest["total"], manifest["done"], manifest["failed"])
+
+
+def batch_summary(batch_id: str, settings: Settings, progress: BatchProgress | None = None,
+                  invalid: tuple[str, ...] = ()) -> BatchSummary:
+    """Progress from Redis while the batch is fresh, else the manifest from storage."""
+    progress = progress or BatchProgress(settings.broker_url)
+    counts = progress.counts(batch_id)
+    if counts is not None:
+        items = tuple(progress.items(batch_id))
+        return BatchSummary(batch_id, counts.state, counts.total, counts.done, counts.failed, items, invalid)
+    manifest = _manifest(batch_id, settings)
+    items = tuple(ItemResult.model_validate(i) for i in manifest["items"])
+    return BatchSummary(batch_id, manifest["state"], manifest["total"], manifest["done"], manifest["failed"],
+                        items, invalid)
+
+
+def _manifest(batch_id: str, settings: Settings) -> dict[str, Any]:
+    storage = open_storage(settings.storage_url)
+    try:
+        return storage.get_json(keys.batch_manifest_key(_field(keys.check_name, "batch", batch_id, "batch")))
+    except ObjectNotFound:
+        pass
+    except StorageError as exc:
+        raise ServiceUnavailable(str(exc)) from None
+    try:
+        request = storage.get_json(keys.batch_request_key(batch_id))
+    except ObjectNotFound:
+        raise InvalidRequest(f"unknown batch {batch_id!r}", field="batch") from None
+    total = request["total"]
+    return {"total": total, "done": 0, "failed": 0, "state": "unknown", "items": []}
+
+
+def _expand(lines: Sequence[PromptLine], defaults: dict[str, Any], ref: ModelRef, batch_id: str,
+            batch_seed: int, device: str, limits: Limits) -> list[GenerateJob]:
+    jobs: list[GenerateJob] = []
+    for pl in lines:
+        item = pl.item
+        merged = {**defaults, **item.model_dump(exclude_none=True)}
+        check_size(merged["width"], merged["height"], limits, line=pl.line)
+        if merged["steps"] > limits.max_steps:
+            raise InvalidRequest(f"{merged['steps']} is more than {limits.max_steps}", field="steps", line=pl.line)
+        if not 0 <= merged["guidance"] <= limits.max_guidance:
+            raise InvalidRequest(f"{merged['guidance']} is outside 0..{limits.max_guidance}", field="guidance",
+                                 line=pl.line)
+        count = merged["images_per_prompt"]
+        if not 1 <= count <= limits.max_images_per_prompt:
+            raise InvalidRequest(f"{count} is outside 1..{limits.max_images_per_prompt}",
+                                 field="images_per_prompt", line=pl.line)
+        for k in range(count):
+            index = len(jobs)
+            # An explicit item seed gives its first image that seed, the next ones seed+1, ...
+            seed = item.seed + k if item.seed is not None else derive_seed(batch_seed, index)
+            jobs.append(GenerateJob(
+                batch_id=batch_id, index=index, prompt=item.prompt, negative_prompt=merged["negative_prompt"] or "",
+                seed=seed, steps=merged["steps"], guidance=float(merged["guidance"]), width=merged["width"],
+                height=merged["height"], scheduler=merged["scheduler"], model=ref.name, precision=ref.precision,
+                fingerprint=ref.fingerprint, family=ref.family, device=device))
+    return jobs
+
+
+def _batch_id(batch_id: str | None) -> str:
+    if batch_id is None:
+        return datetime.now(UTC).strftime("b%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    return _field(keys.check_name, "batch", batch_id, "batch_id")
+
+
+def _check_seed(seed: int) -> int:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ValueError(f"{seed!r} is not an integer in 0..2**63-1")
+    return seed
+
+
+def _field(check: Callable[..., Any], *args: Any) -> Any:
+    """Run a check; a ValueError becomes an InvalidRequest naming the field (the last argument)."""
+    *values, name = args
+    try:
+        return check(*values)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), field=name) from None

@@ -1,0 +1,157 @@
+"""Request and result schemas: what travels on the wire, as JSON, between producers and workers."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tasks.errors import InvalidRequest
+from tasks.names import FAMILIES, SCHEDULER_NAMES
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; configurable by environment so a farm can tighten or relax them."""
+
+    max_steps: int = 150
+    max_pixels: int = 2048 * 2048
+    max_side: int = 4096
+    max_items: int = 100_000
+    max_images_per_prompt: int = 16
+    max_prompt_chars: int = 4000
+    max_guidance: float = 50.0
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        def number(name: str, default: float) -> Any:
+            raw = os.environ.get(f"DARKROOM_{name.upper()}")
+            return type(default)(raw) if raw else default
+
+        return cls(**{f: number(f, getattr(cls, f)) for f in cls.__dataclass_fields__})
+
+
+class ItemRequest(BaseModel):
+    """One prompt as a user writes it: a line of a prompt file, with optional per-item overrides."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    steps: int | None = Field(default=None, ge=1)
+    guidance: float | None = Field(default=None, ge=0.0)
+    width: int | None = Field(default=None, ge=8)
+    height: int | None = Field(default=None, ge=8)
+    scheduler: str | None = None
+    images_per_prompt: int | None = Field(default=None, ge=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, value: str) -> str:
+        if not value:
+            raise ValueError("the prompt is empty")
+        return value
+
+    @field_validator("guidance")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str | None) -> str | None:
+        return None if value is None else check_scheduler(value)
+
+
+class GenerateJob(BaseModel):
+    """One image to render: the message body of a generation task. Everything is resolved already."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_id: str
+    index: int = Field(ge=0)
+    prompt: str = Field(min_length=1)
+    negative_prompt: str = ""
+    seed: int = Field(ge=0, le=MAX_SEED)
+    steps: int = Field(ge=1)
+    guidance: float = Field(ge=0.0)
+    width: int = Field(ge=8)
+    height: int = Field(ge=8)
+    scheduler: str
+    model: str
+    precision: str
+    fingerprint: str
+    family: Literal[FAMILIES] = "sd"  # type: ignore[valid-type]
+    device: str = "CPU"
+
+
+class ConvertJob(BaseModel):
+    """Convert a diffusers model (local folder or Hugging Face id) to OpenVINO IR in storage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    source: str = Field(min_length=1)
+    weight_format: Literal["fp16", "fp32"] = "fp16"
+    make_default: bool = True
+
+
+class ItemResult(BaseModel):
+    """What a worker reports for one item; also one entry of a batch manifest."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    batch_id: str
+    index: int
+    status: Literal["done", "failed"]
+    prompt: str = ""
+    seed: int | None = None
+    uri: str | None = None
+    error: str | None = None
+    worker: str | None = None
+    seconds: float | None = None
+    attempts: int = 1
+
+
+def check_scheduler(name: str) -> str:
+    normalized = name.strip().lower()
+    if normalized not in SCHEDULER_NAMES:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
+    return normalized
+
+
+def check_size(width: int, height: int, limits: Limits, *, line: int | None = None) -> None:
+    """Sizes are multiples of 8 (the VAE's downsampling) and within the farm's pixel limit."""
+    for field, value in (("width", width), ("height", height)):
+        if value % 8:
+            raise InvalidRequest(f"{value} is not a multiple of 8", field=field, line=line)
+        if not 8 <= value <= limits.max_side:
+            raise InvalidRequest(f"{value} is outside 8..{limits.max_side}", field=field, line=line)
+    if width * height > limits.max_pixels:
+        raise InvalidRequest(
+            f"{width}x{height} has more than the {limits.max_pixels} pixels allowed",
+            field="width", line=line,
+        )
+
+
+def invalid_from_validation(exc: ValidationError, *, line: int | None = None) -> InvalidRequest:
+    """The first problem pydantic found, as an InvalidRequest naming the field."""
+    problems = [
+        InvalidRequest(err["msg"].removeprefix("Value error, "), line=line,
+                       field=".".join(str(p) for p in err["loc"]) or None)
+        for err in exc.errors()
+    ]
+    return problems[0] if len(problems) == 1 else _join(problems, line)
+
+
+def _join(problems: list[InvalidRequest], line: int | None) -> InvalidRequest:
+    detail = "; ".join(f"{p.field}: {p.reason}" if p.field else p.reason for p in problems)
+    return InvalidRequest(detail, line=line)

@@ -1,0 +1,124 @@
+"""The generation job: one item of a batch rendered on OpenVINO and written to storage. No Celery here."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+import darkroom
+from storage import StorageError, StorageUnavailable, keys
+from tasks.errors import InvalidRequest, TransientError
+from tasks.schemas import GenerateJob, ItemResult, invalid_from_validation
+from workers.png import encode_png
+from workers.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerateOutcome:
+    result: ItemResult
+    finished_batch: bool
+
+
+def parse_job(payload: object) -> GenerateJob:
+    try:
+        return GenerateJob.model_validate(payload)
+    except ValidationError as exc:
+        raise invalid_from_validation(exc) from None
+
+
+def run_generate(payload: object, runtime: WorkerRuntime, *, attempt: int = 1) -> GenerateOutcome:
+    """Render one item. InvalidRequest for a job that can never succeed; TransientError to retry."""
+    started = time.perf_counter()
+    # 1. Parse: a worker trusts nothing on the wire.
+    job = parse_job(payload)
+    storage = runtime.storage
+    image_key = keys.image_key(job.batch_id, job.index)
+    record_key = keys.item_record_key(job.batch_id, job.index)
+    try:
+        # 2. A re-delivered job whose record exists is done already: same key, same bytes.
+        if storage.exists(record_key):
+            result = ItemResult.model_validate(storage.get_json(record_key))
+            return _record(runtime, result)
+        # 3. The warm pipeline for this artifact and shape.
+        pipeline = runtime.pool.get(job.model, job.precision, job.fingerprint, width=job.width,
+                                    height=job.height, cfg=job.guidance > 1.0)
+        # 4. Render.
+        out = pipeline.generate(job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
+                                guidance_scale=job.guidance, scheduler=job.scheduler, seed=job.seed)
+        # 5. Image first, then its record: a record always points at a whole image.
+        png = encode_png(out.image, png_metadata(job, runtime.device))
+        uri = storage.put_bytes(image_key, png, content_type="image/png")
+        result = ItemResult(batch_id=job.batch_id, index=job.index, status="done", prompt=job.prompt,
+                            seed=job.seed, uri=uri, worker=f"{runtime.hostname}:{os.getpid()}",
+                            seconds=round(time.perf_counter() - started, 4), attempts=attempt)
+        storage.put_json(record_key, result.model_dump())
+    except StorageUnavailable as exc:
+        raise TransientError(f"storage unavailable: {exc}") from exc
+    except FileNotFoundError as exc:
+        raise InvalidRequest(str(exc), field="model") from None
+    except StorageError as exc:
+        raise TransientError(f"storage error: {exc}") from exc
+    return _record(runtime, result)
+
+
+def record_failure(payload: object, runtime: WorkerRuntime, error: str, *, attempt: int) -> GenerateOutcome:
+    """Report an item that will not be rendered, so the batch still finishes and says why."""
+    batch_id, index, prompt, seed = _identity(payload)
+    if batch_id is None or index is None:
+        log.error("dropping a generation message without batch id or index: %s", error)
+        return GenerateOutcome(ItemResult(batch_id="?", index=-1, status="failed", error=error), False)
+    result = ItemResult(batch_id=batch_id, index=index, status="failed", prompt=prompt, seed=seed,
+                        error=error, worker=f"{runtime.hostname}:{os.getpid()}", attempts=attempt)
+    return _record(runtime, result)
+
+
+def png_metadata(job: GenerateJob, device: str) -> dict[str, object]:
+    return {
+        "prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed, "steps": job.steps,
+        "guidance": job.guidance, "scheduler": job.scheduler, "width": job.width, "height": job.height,
+        "model": job.model, "model_fingerprint": job.fingerprint, "precision": job.precision,
+        "device": device, "batch_id": job.batch_id, "index": job.index,
+        "darkroom_version": darkroom.__version__,
+    }
+
+
+def _record(runtime: WorkerRuntime, result: ItemResult) -> GenerateOutcome:
+    """Count the item in Redis; whoever finishes the batch writes its manifest (idempotently)."""
+    counts = runtime.progress.record(result)
+    finished = counts.total > 0 and counts.finished >= counts.total
+    if finished:
+        write_manifest(runtime, result.batch_id)
+    return GenerateOutcome(result, finished)
+
+
+def write_manifest(runtime: WorkerRuntime, batch_id: str) -> str:
+    """The batch manifest, written last: one entry per item, sorted by index."""
+    counts = runtime.progress.counts(batch_id)
+    items = runtime.progress.items(batch_id)
+    manifest = {
+        "batch_id": batch_id, "state": counts.state if counts else "unknown",
+        "total": counts.total if counts else len(items), "done": sum(i.status == "done" for i in items),
+        "failed": sum(i.status == "failed" for i in items),
+        "items": [i.model_dump() for i in items],
+    }
+    return runtime.storage.put_json(keys.batch_manifest_key(batch_id), manifest)
+
+
+def _identity(payload: object) -> tuple[str | None, int | None, str, int | None]:
+    if not isinstance(payload, dict):
+        return None, None, "", None
+    batch_id, index = payload.get("batch_id"), payload.get("index")
+    try:
+        batch_id = keys.check_name("batch", batch_id) if isinstance(batch_id, str) else None
+    except ValueError:
+        batch_id = None
+    index = index if isinstance(index, int) and index >= 0 else None
+    seed = payload.get("seed") if isinstance(payload.get("seed"), int) else None
+    prompt = payload.get("prompt") if isinstance(payload.get("prompt"), str) else ""
+    return batch_id, index, prompt, seed

@@ -1,0 +1,84 @@
+"""Celery task handlers: thin adapters from a message to the job code, which knows nothing of Celery."""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+from celery import Celery, Task
+from celery.signals import worker_process_init
+
+from broker.settings import Settings
+from tasks.errors import InvalidRequest, TransientError
+from tasks.names import CONVERT_TASK, GENERATE_TASK
+
+log = logging.getLogger(__name__)
+
+_SUMMARY_FIELDS = {"batch_id", "index", "status", "uri", "error", "seed"}
+
+
+def backoff(retries: int) -> float:
+    """Seconds before retry number `retries + 1`: exponential, capped, with jitter against herds."""
+    return min(2.0**retries, 60.0) * (0.5 + random.random() / 2)
+
+
+def register_tasks(app: Celery, settings: Settings, device: str, *, preload: list[str] | None = None) -> None:
+    """Register darkroom's tasks on `app` for a worker pinned to `device`."""
+    holder: dict[str, Any] = {}
+
+    def runtime() -> Any:
+        # Made in the pool process on first use: nothing of OpenVINO exists before the fork.
+        if "runtime" not in holder:
+            from workers.runtime import WorkerRuntime
+
+            holder["runtime"] = WorkerRuntime(settings, device)
+        return holder["runtime"]
+
+    @app.task(name=GENERATE_TASK, bind=True, max_retries=settings.max_retries)
+    def generate(self: Task, job: dict[str, Any]) -> dict[str, Any]:
+        from workers.generate import record_failure, run_generate
+
+        attempt = self.request.retries + 1
+        rt = runtime()
+        try:
+            outcome = run_generate(job, rt, attempt=attempt)
+        except InvalidRequest as exc:
+            outcome = record_failure(job, rt, f"invalid request: {exc}", attempt=attempt)
+        except TransientError as exc:
+            if self.request.retries >= settings.max_retries:
+                outcome = record_failure(job, rt, f"gave up after {attempt} attempts: {exc}", attempt=attempt)
+            else:
+                log.warning("item %s: %s; retrying", self.request.id, exc)
+                raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from None
+        except Exception as exc:  # a bug or a runtime failure: report the item, keep the batch going
+            log.exception("item %s failed", self.request.id)
+            outcome = record_failure(job, rt, f"{type(exc).__name__}: {exc}", attempt=attempt)
+        return outcome.result.model_dump(include=_SUMMARY_FIELDS)
+
+    @app.task(name=CONVERT_TASK, bind=True, max_retries=settings.max_retries)
+    def convert(self: Task, job: dict[str, Any]) -> dict[str, Any]:
+        from workers.convert_job import run_convert
+
+        try:
+            return {"status": "done", **run_convert(job, runtime())}
+        except InvalidRequest as exc:
+            return {"status": "failed", "error": str(exc)}
+        except TransientError as exc:
+            if self.request.retries >= settings.max_retries:
+                return {"status": "failed", "error": f"gave up after {self.request.retries + 1} attempts: {exc}"}
+            raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from None
+        except Exception as exc:
+            log.exception("conversion failed")
+            return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+
+    if preload:
+        @worker_process_init.connect(weak=False)
+        def _preload(**_: Any) -> None:
+            from tasks.models import resolve_model
+
+            rt = runtime()
+            for name in preload:
+                ref = resolve_model(rt.storage, name)
+                rt.pool.get(ref.name, ref.precision, ref.fingerprint, width=ref.width, height=ref.height, cfg=True)
+                log.info("preloaded %s (%s %s)", name, ref.precision, ref.fingerprint)

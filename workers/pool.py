@@ -1,0 +1,102 @@
+"""The model pool: compiled OpenVINO pipelines kept warm, keyed by (model, precision, device, shape)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from storage import Storage, keys
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    model: str
+    precision: str
+    fingerprint: str
+    device: str
+    width: int
+    height: int
+    cfg: bool
+
+
+@dataclass
+class PoolStats:
+    hits: int = 0
+    compiles: int = 0
+    fetches: int = 0
+    evictions: int = 0
+
+
+class ModelPool:
+    """Loads each artifact from storage once, compiles each shape once, and keeps the newest `capacity`."""
+
+    def __init__(self, storage: Storage, *, cache_dir: Path, device: str, ov_config: dict[str, str],
+                 capacity: int = 4, core: Any | None = None) -> None:
+        self.storage = storage
+        self.cache_dir = cache_dir
+        self.device = device
+        self.ov_config = ov_config
+        self.capacity = capacity
+        self.stats = PoolStats()
+        self._core = core
+        self._entries: OrderedDict[PoolKey, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def core(self) -> Any:
+        if self._core is None:
+            import openvino as ov
+
+            self._core = ov.Core()
+        return self._core
+
+    def get(self, model: str, precision: str, fingerprint: str, *, width: int, height: int, cfg: bool) -> Any:
+        """A compiled pipeline for this artifact and shape: from the pool, or fetched and compiled now."""
+        from workers.sd import OVStableDiffusion
+
+        key = PoolKey(model, precision, fingerprint, self.device, width, height, cfg)
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                self.stats.hits += 1
+                return self._entries[key]
+            # 1. The IR on local disk (fetched from storage once per artifact).
+            local = self.fetch(model, precision, fingerprint)
+            # 2. Reshape to the static shape and compile (the blob cache makes a re-compile cheap).
+            pipeline = OVStableDiffusion.load(local, device=self.device, width=width, height=height, cfg=cfg,
+                                              core=self.core, ov_config=self.ov_config)
+            self.stats.compiles += 1
+            # 3. Keep it, dropping the least recently used beyond capacity.
+            self._entries[key] = pipeline
+            while len(self._entries) > self.capacity:
+                dropped, _ = self._entries.popitem(last=False)
+                self.stats.evictions += 1
+                log.info("model pool: evicted %s", dropped)
+            return pipeline
+
+    def fetch(self, model: str, precision: str, fingerprint: str) -> Path:
+        """Download an artifact's files into the local cache, once; a finished download has its manifest."""
+        prefix = keys.model_artifact_prefix(model, precision, fingerprint)
+        target = self.cache_dir / "models" / prefix
+        if (target / "manifest.json").exists():
+            return target
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        self.storage.download_prefix(prefix, partial)
+        if not (partial / "manifest.json").exists():
+            shutil.rmtree(partial, ignore_errors=True)
+            raise FileNotFoundError(f"artifact {prefix} in storage has no manifest (not converted, or deleted)")
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+        self.stats.fetches += 1
+        return target
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,133 @@
+"""Tiny random-weight Stable Diffusion models built from configs, for tests and the demo.
+
+These machines reach no model hub, so nothing here downloads: the weights are random (seeded) and the
+tokenizer is CLIP's real vocabulary, rebuilt from the BPE file that the `clip-anytorch` package ships.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import shutil
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
+
+# CLIP's BPE file lists more merges than CLIP uses; its tokenizer keeps exactly this many (49408 ids in all:
+# 256 bytes, 256 end-of-word bytes, 48894 merges, 2 special tokens).
+_CLIP_MERGES = 49152 - 256 - 2
+_CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+_TEXT_LENGTH = 77
+
+Variant = Literal["sd", "bk-sdm"]
+
+
+def _clip_bpe_path() -> Path:
+    # find_spec locates the package without importing it: `import clip` itself needs pkg_resources.
+    spec = importlib.util.find_spec("clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the clip-anytorch package is not installed; it ships CLIP's BPE vocabulary")
+    return Path(next(iter(spec.submodule_search_locations))) / _CLIP_BPE_FILE
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible map from bytes to printable unicode characters."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    codes = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes), strict=True))
+
+
+@lru_cache(maxsize=1)
+def _clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    lines = gzip.decompress(_clip_bpe_path().read_bytes()).decode("utf-8").split("\n")
+    # Line 0 is a version header; CLIP keeps the next _CLIP_MERGES lines.
+    merges = tuple((a, b) for a, b in (line.split() for line in lines[1 : _CLIP_MERGES + 1]))
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(tokens)}, merges
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """CLIP's tokenizer with the real vocabulary (ids match openai/clip-vit-large-patch14's)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_vocab_and_merges()
+    # transformers 5 takes the vocabulary as objects; vocab_file/merges_file would be silently ignored.
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), unk_token="<|endoftext|>",
+                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                         model_max_length=_TEXT_LENGTH)
+
+
+def build_tiny_sd(out_dir: Path, *, seed: int = 0, variant: Variant = "sd") -> Path:
+    """A deterministic tiny StableDiffusionPipeline saved with save_pretrained into `out_dir`.
+
+    "bk-sdm" is a BK-SDM-style UNet: no mid block and one layer per block. An `out_dir` that already holds
+    a model_index.json is returned as it is.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / "model_index.json").exists():
+        return out_dir
+    if variant not in ("sd", "bk-sdm"):
+        raise ValueError(f"unknown tiny model variant {variant!r}; expected 'sd' or 'bk-sdm'")
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    # 1. Each component from its own seed, so the weights do not depend on construction order elsewhere.
+    torch.manual_seed(seed)
+    bk = variant == "bk-sdm"
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+        layers_per_block=1 if bk else 2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        mid_block_type=None if bk else "UNetMidBlock2DCrossAttn",
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+    )
+    # Random cross-attention is nearly uniform over the 77 tokens, so the prompt would barely change the
+    # image and tests could not tell a dropped negative prompt from rounding. Sharper attention (logits x16)
+    # makes the text matter, as it does in a trained model.
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if ".attn2.to_q." in name or ".attn2.to_k." in name:
+                param.mul_(4.0)
+    torch.manual_seed(seed + 1)
+    # Four blocks: the real 8x downsampling, so a 64x64 image has an 8x8 latent as in SD.
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+        block_out_channels=(8, 16, 16, 16), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    torch.manual_seed(seed + 2)
+    text_config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=_TEXT_LENGTH, hidden_act="quick_gelu", projection_dim=32,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    # 2. SD 1.x's own scheduler configuration.
+    scheduler = PNDMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    # 3. Save next to the target and rename, so a half-written model never looks finished.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    pipeline.save_pretrained(partial)
+    partial.rename(out_dir)
+    return out_dir
