@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from broker.settings import Settings
+
 DEMO_MODEL = "tiny-sd"
 DEMO_PROMPTS = [
     "a lighthouse on a cliff at dusk, oil painting",
@@ -27,8 +29,6 @@ DEMO_PROMPTS = [
 def run_demo(data_dir: Path, *, steps: int = 20, size: int = 128, seed: int = 42) -> int:
     """Embedded Redis, one CPU worker, local storage under `data_dir`; everything stops on exit or Ctrl-C."""
     from broker.embedded import EmbeddedRedis
-
-    from broker.settings import Settings
 
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -60,8 +60,8 @@ def _tiny_model(target: Path) -> Path:
     return target
 
 
-def _start_worker(settings: object, log_path: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **settings.as_env()}  # type: ignore[attr-defined]
+def _start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **settings.as_env()}
     log = log_path.open("ab")
     # Its own session: Ctrl-C reaches the demo, which then shuts the worker down in order.
     return subprocess.Popen(
@@ -71,28 +71,28 @@ def _start_worker(settings: object, log_path: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def _convert(source: Path, settings: object) -> None:
+def _convert(source: Path, settings: Settings) -> None:
     from tasks.producer import submit_convert
 
     started = time.perf_counter()
-    outcome = submit_convert(str(source), name=DEMO_MODEL, settings=settings).get(timeout=900)  # type: ignore[arg-type]
+    outcome = submit_convert(str(source), name=DEMO_MODEL, settings=settings).get(timeout=900)
     if outcome.get("status") != "done":
         raise RuntimeError(f"conversion failed: {outcome.get('error')}")
     print(f"[4/5] converted to OpenVINO IR: {outcome['uri']} ({time.perf_counter() - started:.1f} s)")
 
 
-def _render(settings: object, *, steps: int, size: int, seed: int) -> int:
+def _render(settings: Settings, *, steps: int, size: int, seed: int) -> int:
     from darkroom.cli import _print_summary, _wait_with_progress
     from darkroom.contact_sheet import write_contact_sheet
     from storage import open_storage
     from tasks.producer import submit
 
     handle = submit(DEMO_PROMPTS, model=DEMO_MODEL, steps=steps, width=size, height=size, seed=seed,
-                    settings=settings)  # type: ignore[arg-type]
+                    settings=settings)
     print(f"[5/5] batch {handle.batch_id}: {handle.total} prompts through the queue")
     summary = _wait_with_progress(handle, quiet=False, timeout=1800)
     _print_summary(summary, as_json=False)
-    storage = open_storage(settings.storage_url)  # type: ignore[attr-defined]
+    storage = open_storage(settings.storage_url)
     sheet = write_contact_sheet(storage, summary.batch_id, list(summary.items))
     print(f"images: {storage.uri(f'images/{summary.batch_id}/')}")
     print(f"contact sheet: {sheet}")

@@ -26,6 +26,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -132,8 +133,9 @@ def convert_sd(source_dir: Path, out_dir: Path, *, weight_format: WeightFormat =
         shutil.copyfile(source_dir / "scheduler" / "scheduler_config.json",
                         work / "scheduler" / "scheduler_config.json")
         _save_tokenizer(source_dir / "tokenizer", work / "tokenizer")
-        # 4. One model at a time: each function drops its torch module on return (a full fp32 UNet is
-        #    3.4 GB), and the collector then frees the tracer's reference cycles before the next load.
+        # 4. One model at a time, each freed before the next is loaded (a full fp32 UNet is 3.4 GB). The
+        #    explicit collection is needed: OpenVINO's TorchScript decoder leaves reference cycles that
+        #    keep the traced torch model alive.
         for convert in (_convert_text_encoder, _convert_unet, _convert_vae):
             convert(source_dir, work, compress)
             gc.collect()
@@ -252,13 +254,17 @@ def _export(module: torch.nn.Module, example: tuple[torch.Tensor, ...], inputs: 
     """Trace `module`, name its inputs and outputs as optimum-intel does, and save it as IR in `folder`."""
     import openvino as ov
     import torch
+    from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
 
     with torch.no_grad(), warnings.catch_warnings():
         # TorchScript tracing warns about its deprecation and about Python branches it freezes; both are
         # expected here (the branches are on static configuration, and the example shapes pick the general
         # upsampling path).
         warnings.simplefilter("ignore")
-        model = ov.convert_model(module, example_input=example, input=list(inputs.values()))
+        # OpenVINO's own tracer, minus torch's trace check (a second trace and run, a third of the time):
+        # the parity tests against diffusers check the converted models instead.
+        decoder = TorchScriptPythonDecoder(module, example_input=example, trace_kwargs={"check_trace": False})
+        model = ov.convert_model(decoder, example_input=example, input=list(inputs.values()))
     for port, name in zip(model.inputs, inputs, strict=True):
         port.get_tensor().set_names({name})
         port.get_node().set_friendly_name(name)
@@ -269,18 +275,22 @@ def _export(module: torch.nn.Module, example: tuple[torch.Tensor, ...], inputs: 
 
 
 def _module(owner: torch.nn.Module, forward: Callable[..., Any]) -> torch.nn.Module:
-    """`forward` as the forward of an nn.Module that owns `owner`'s weights, which is what the tracer takes.
+    """`forward` as the forward of an nn.Module owning `owner`'s weights: what the tracer takes."""
+    return _export_module_class()(owner, forward)
 
-    Built on demand so that importing this module does not import torch.
-    """
+
+@lru_cache(maxsize=1)
+def _export_module_class() -> type[torch.nn.Module]:
+    # Defined on first use, so that importing this module does not import torch.
     import torch
 
     class Export(torch.nn.Module):
-        def __init__(self) -> None:
+        def __init__(self, owner: torch.nn.Module, forward: Callable[..., Any]) -> None:
             super().__init__()
             self.owner = owner
+            self.fn = forward
 
         def forward(self, *args: torch.Tensor) -> Any:
-            return forward(*args)
+            return self.fn(*args)
 
-    return Export()
+    return Export

@@ -79,12 +79,12 @@ def record_failure(payload: object, runtime: WorkerRuntime, error: str, *, attem
 
 
 def png_metadata(job: GenerateJob, device: str) -> dict[str, object]:
+    # What reproduces the image, and nothing else (no batch id, no time): the same request gives the same bytes.
     return {
         "prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed, "steps": job.steps,
         "guidance": job.guidance, "scheduler": job.scheduler, "width": job.width, "height": job.height,
         "model": job.model, "model_fingerprint": job.fingerprint, "precision": job.precision,
-        "device": device, "batch_id": job.batch_id, "index": job.index,
-        "darkroom_version": darkroom.__version__,
+        "device": device, "darkroom_version": darkroom.__version__,
     }
 
 

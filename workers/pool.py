@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -82,19 +83,28 @@ class ModelPool:
             return pipeline
 
     def fetch(self, model: str, precision: str, fingerprint: str) -> Path:
-        """Download an artifact's files into the local cache, once; a finished download has its manifest."""
+        """Download an artifact's files into the local cache, once; a finished download has its manifest.
+
+        Several workers may share one cache: each downloads into a folder of its own and renames it into
+        place; whoever loses the race uses the winner's copy (same fingerprint, same files).
+        """
         prefix = keys.model_artifact_prefix(model, precision, fingerprint)
-        target = self.cache_dir / "models" / prefix
+        target = self.cache_dir / prefix
         if (target / "manifest.json").exists():
             return target
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        self.storage.download_prefix(prefix, partial)
-        if not (partial / "manifest.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            self.storage.download_prefix(prefix, partial)
+            if not (partial / "manifest.json").exists():
+                raise FileNotFoundError(f"artifact {prefix} in storage has no manifest (not converted, or deleted)")
+            try:
+                partial.rename(target)
+            except OSError:
+                if not (target / "manifest.json").exists():
+                    raise
+        finally:
             shutil.rmtree(partial, ignore_errors=True)
-            raise FileNotFoundError(f"artifact {prefix} in storage has no manifest (not converted, or deleted)")
-        shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)
         self.stats.fetches += 1
         return target
 

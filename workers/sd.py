@@ -2,7 +2,7 @@
 
 The models run on OpenVINO; torch is used only on the CPU for what must match diffusers bit for bit: the
 initial latents (drawn from a torch.Generator as diffusers' randn_tensor does) and the schedulers. With f32
-weights and f32 inference an image equals diffusers' StableDiffusionPipeline's to uint8 rounding.
+weights and f32 inference every pixel is within one uint8 level of diffusers' StableDiffusionPipeline.
 No Celery here.
 """
 

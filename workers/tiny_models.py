@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import json
 import shutil
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTokenizer
 
 # CLIP's BPE file lists more merges than CLIP uses; its tokenizer keeps exactly this many (49408 ids in all:
@@ -81,40 +83,26 @@ def build_tiny_sd(out_dir: Path, *, seed: int = 0, variant: Variant = "sd") -> P
     if variant not in ("sd", "bk-sdm"):
         raise ValueError(f"unknown tiny model variant {variant!r}; expected 'sd' or 'bk-sdm'")
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    # 1. Each component from its own seed, so the weights do not depend on construction order elsewhere.
-    torch.manual_seed(seed)
-    bk = variant == "bk-sdm"
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-        layers_per_block=1 if bk else 2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        mid_block_type=None if bk else "UNetMidBlock2DCrossAttn",
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
-    )
-    # Random cross-attention is nearly uniform over the 77 tokens, so the prompt would barely change the
-    # image and tests could not tell a dropped negative prompt from rounding. Sharper attention (logits x16)
-    # makes the text matter, as it does in a trained model.
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if ".attn2.to_q." in name or ".attn2.to_k." in name:
-                param.mul_(4.0)
-    torch.manual_seed(seed + 1)
-    # Four blocks: the real 8x downsampling, so a 64x64 image has an 8x8 latent as in SD.
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
-        block_out_channels=(8, 16, 16, 16), norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )
-    torch.manual_seed(seed + 2)
-    text_config = CLIPTextConfig(
-        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=_TEXT_LENGTH, hidden_act="quick_gelu", projection_dim=32,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    )
-    text_encoder = CLIPTextModel(text_config)
+    # 1. Random weights, each component from its own seed; fork_rng leaves the caller's torch RNG as it was.
+    with torch.random.fork_rng():
+        torch.manual_seed(3 * seed)
+        unet = _tiny_unet(bk_sdm=variant == "bk-sdm")
+        torch.manual_seed(3 * seed + 1)
+        # Four blocks: the real 8x downsampling, so a 64x64 image has an 8x8 latent as in SD.
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+            block_out_channels=(8, 16, 16, 16), norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+        torch.manual_seed(3 * seed + 2)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=_TEXT_LENGTH, hidden_act="quick_gelu",
+            projection_dim=32, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        ))
     # 2. SD 1.x's own scheduler configuration.
     scheduler = PNDMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -129,5 +117,31 @@ def build_tiny_sd(out_dir: Path, *, seed: int = 0, variant: Variant = "sd") -> P
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     pipeline.save_pretrained(partial)
+    # SD 1.x repos also carry "clip_sample": false, which PNDM does not take but DDIM reads (its default
+    # is True): without it a "ddim" request would clip where it does not on a real SD model.
+    config_path = partial / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config_path.write_text(json.dumps({**config, "clip_sample": False}, indent=2, sort_keys=True) + "\n",
+                           encoding="utf-8")
     partial.rename(out_dir)
     return out_dir
+
+
+def _tiny_unet(*, bk_sdm: bool) -> UNet2DConditionModel:
+    """SD's UNet shape in miniature; BK-SDM drops the mid block and keeps one layer per block."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+        layers_per_block=1 if bk_sdm else 2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        mid_block_type=None if bk_sdm else "UNetMidBlock2DCrossAttn",
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+    )
+    # Random cross-attention is nearly uniform over the 77 tokens, so the prompt would barely change the
+    # image and tests could not tell a dropped negative prompt from rounding. Sharper attention (logits x16)
+    # makes the text matter, as it does in a trained model.
+    for name, param in unet.named_parameters():
+        if ".attn2.to_q." in name or ".attn2.to_k." in name:
+            param.data.mul_(4.0)
+    return unet
