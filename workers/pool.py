@@ -98,6 +98,8 @@ class ModelPool:
             self.storage.download_prefix(prefix, partial)
             if not (partial / "manifest.json").exists():
                 raise FileNotFoundError(f"artifact {prefix} in storage has no manifest (not converted, or deleted)")
+            if target.exists() and not (target / "manifest.json").exists():
+                shutil.rmtree(target, ignore_errors=True)  # an incomplete copy from an older run
             try:
                 partial.rename(target)
             except OSError:
