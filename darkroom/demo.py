@@ -30,6 +30,10 @@ def run_demo(data_dir: Path, *, steps: int = 20, size: int = 128, seed: int = 42
     """Embedded Redis, one CPU worker, local storage under `data_dir`; everything stops on exit or Ctrl-C."""
     from broker.embedded import EmbeddedRedis
 
+    # Ctrl-C and SIGTERM both end in the `finally` below, even when started with SIGINT ignored
+    # (a background job of a non-interactive shell inherits that).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     # Service state lives beside the objects, in a dot folder the storage layout never uses.
@@ -49,6 +53,10 @@ def run_demo(data_dir: Path, *, steps: int = 20, size: int = 128, seed: int = 42
         _stop_worker(worker)
         redis_server.stop()
         print("stopped the worker and Redis")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _tiny_model(target: Path) -> Path:
