@@ -6,7 +6,7 @@ from celery import Celery
 from kombu import Queue
 
 from broker.settings import Settings
-from tasks.names import CALIBRATE_QUEUE, CONVERT_QUEUE, CONVERT_TASK, GENERATE_TASK, generate_queue
+from tasks.names import CALIBRATE_QUEUE, CALIBRATE_TASK, CONVERT_QUEUE, CONVERT_TASK, GENERATE_TASK, generate_queue
 
 
 def make_app(settings: Settings) -> Celery:
@@ -34,12 +34,19 @@ def make_app(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         result_expires=settings.progress_ttl,
         task_default_queue=generate_queue("CPU"),
-        task_routes={CONVERT_TASK: {"queue": CONVERT_QUEUE}, GENERATE_TASK: {"queue": generate_queue("CPU")}},
+        task_routes={CONVERT_TASK: {"queue": CONVERT_QUEUE}, CALIBRATE_TASK: {"queue": CALIBRATE_QUEUE},
+                     GENERATE_TASK: {"queue": generate_queue("CPU")}},
         task_track_started=True,
         task_send_sent_event=True,
         worker_send_task_events=True,
         worker_hijack_root_logger=False,
         enable_utc=True,
+        # celery-redbeat: schedules live in Redis; a standby beat takes over 25 s after the active one dies.
+        redbeat_redis_url=settings.broker_url,
+        redbeat_key_prefix="darkroom:beat:",
+        redbeat_lock_timeout=25,
+        redbeat_redis_options={},
+        beat_max_loop_interval=5,
     )
     return app
 

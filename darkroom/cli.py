@@ -9,9 +9,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-EXIT_FAILED_ITEMS = 1
-EXIT_INVALID = 2
-EXIT_UNAVAILABLE = 3
+from darkroom.cli_common import EXIT_FAILED_ITEMS, EXIT_INVALID, EXIT_UNAVAILABLE, fail, settings_of
+from darkroom.cli_models import add_model_commands
+from darkroom.cli_ops import add_ops_commands
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,7 +34,7 @@ def run_reporting_errors(func: Callable[[argparse.Namespace], int], args: argpar
     try:
         return func(args)
     except InvalidRequest as exc:
-        return _fail(str(exc), EXIT_INVALID)
+        return fail(str(exc), EXIT_INVALID)
     except (ServiceUnavailable, StorageError, OperationalError, redis.ConnectionError, redis.TimeoutError) as exc:
         from broker.settings import redact_url
 
@@ -42,23 +42,12 @@ def run_reporting_errors(func: Callable[[argparse.Namespace], int], args: argpar
         for url in (getattr(args, "broker_url", None), getattr(args, "storage_url", None)):
             if url:
                 message = message.replace(url, redact_url(url))
-        return _fail(message, EXIT_UNAVAILABLE)
+        return fail(message, EXIT_UNAVAILABLE)
     except TimeoutError as exc:
-        return _fail(str(exc), EXIT_UNAVAILABLE)
+        return fail(str(exc), EXIT_UNAVAILABLE)
     except KeyboardInterrupt:
         print("darkroom: interrupted", file=sys.stderr)
         return 130
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"darkroom: error: {message}", file=sys.stderr)
-    return code
-
-
-def _settings(args: argparse.Namespace) -> Any:
-    from broker.settings import Settings
-
-    return Settings.from_env(broker_url=args.broker_url, storage_url=args.storage_url)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -69,7 +58,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         steps=args.steps, guidance=args.guidance, width=args.width, height=args.height, seed=args.seed,
         negative_prompt=args.negative_prompt or "", images_per_prompt=args.images_per_prompt,
         scheduler=args.scheduler, device=args.device, precision=args.precision, batch_id=args.batch_id,
-        column=args.column, queue=args.queue, skip_invalid=args.skip_invalid, settings=_settings(args),
+        column=args.column, queue=args.queue, skip_invalid=args.skip_invalid, settings=settings_of(args),
     )
     for problem in handle.invalid:
         print(f"darkroom: skipped {problem}", file=sys.stderr)
@@ -111,7 +100,7 @@ def _print_summary(summary: Any, *, as_json: bool) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     from tasks.producer import batch_summary
 
-    summary = batch_summary(_check_batch(args.batch), _settings(args))
+    summary = batch_summary(_check_batch(args.batch), settings_of(args))
     if args.json:
         print(json.dumps(summary.as_json(), indent=2))
     else:
@@ -123,7 +112,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     from storage import keys, open_storage
     from tasks.producer import batch_summary
 
-    settings = _settings(args)
+    settings = settings_of(args)
     summary = batch_summary(_check_batch(args.batch), settings)
     if args.download:
         storage = open_storage(settings.storage_url)
@@ -157,10 +146,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     queues = [q for q in (args.queues or "").split(",") if q] or None
     try:
-        run_worker(_settings(args), device=args.device, queues=queues, preload=args.preload,
+        run_worker(settings_of(args), device=args.device, queues=queues, preload=args.preload,
                    concurrency=args.concurrency, loglevel=args.loglevel)
     except UnknownDevice as exc:
-        return _fail(str(exc), EXIT_INVALID)
+        return fail(str(exc), EXIT_INVALID)
     return 0
 
 
@@ -168,40 +157,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from tasks.producer import submit_convert
 
     result = submit_convert(args.source, name=args.name, weight_format=args.weight_format,
-                            settings=_settings(args), make_default=not args.no_default)
+                            settings=settings_of(args), make_default=not args.no_default)
     if not args.wait:
         print(f"conversion {result.id} queued")
         return 0
     outcome = result.get(timeout=args.timeout, propagate=False)
     if not isinstance(outcome, dict) or outcome.get("status") != "done":
         error = outcome.get("error") if isinstance(outcome, dict) else outcome
-        return _fail(f"conversion of {args.source} failed: {error}", EXIT_INVALID)
+        return fail(f"conversion of {args.source} failed: {error}", EXIT_INVALID)
     if args.json:
         print(json.dumps(outcome, indent=2))
     else:
         print(f"{outcome['name']}: {outcome['precision']} {outcome['fingerprint']} at {outcome['uri']}")
-    return 0
-
-
-def cmd_models(args: argparse.Namespace) -> int:
-    from storage import open_storage
-    from tasks.models import default_of, list_artifacts
-
-    storage = open_storage(_settings(args).storage_url)
-    artifacts = list_artifacts(storage, args.name)
-    if args.json:
-        print(json.dumps(artifacts, indent=2))
-        return 0
-    if not artifacts:
-        print("no models yet: convert one with `darkroom convert SOURCE --name NAME`")
-    for m in artifacts:
-        default = default_of(storage, m["name"]) or {}
-        mark = "*" if default.get("fingerprint") == m["fingerprint"] and default.get("precision") == m[
-            "precision"] else " "
-        size = m.get("bytes", 0) / 2**20
-        d = m.get("defaults", {})
-        print(f"{mark} {m['name']:<24} {m['precision']:<5} {m['fingerprint']}  {m.get('family', 'sd'):<4} "
-              f"{d.get('width')}x{d.get('height')}  {size:8.1f} MiB  {m.get('created', '')[:19]}")
     return 0
 
 
@@ -274,8 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("models", help="list converted models")
-    p.add_argument("name", nargs="?")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_models)
+    add_model_commands(sub)
+    add_ops_commands(sub)
     return parser

@@ -87,3 +87,16 @@ def model_artifact_manifest_key(name: str, precision: str, fingerprint: str) -> 
 
 def model_default_key(name: str) -> str:
     return f"{models_prefix()}{check_name('model', name)}/default.json"
+
+
+def model_report_key(name: str, precision: str, fingerprint: str) -> str:
+    return model_artifact_prefix(name, precision, fingerprint) + "report.json"
+
+
+def calibration_runs_prefix(name: str) -> str:
+    """Where every calibration run of a model leaves its record (done, skipped or failed)."""
+    return f"{models_prefix()}{check_name('model', name)}/calibrations/"
+
+
+def calibration_run_key(name: str, stamp: str) -> str:
+    return f"{calibration_runs_prefix(name)}{check_name('calibration run', stamp)}.json"

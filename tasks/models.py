@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from storage import ObjectNotFound, Storage, keys
@@ -54,6 +55,8 @@ def resolve_model(storage: Storage, name: str, precision: str | None = None) -> 
                        and m["precision"] == default["precision"]), None)
     if chosen is None:
         candidates = [m for m in artifacts if precision is None or m["precision"] == precision]
+        # Pinning a precision prefers artifacts that passed their gates (float ones have none).
+        candidates.sort(key=lambda m: m.get("passed", True))
         if not candidates:
             have = ", ".join(sorted({m["precision"] for m in artifacts}))
             raise InvalidRequest(f"model {name!r} has no {precision} artifact (has: {have})", field="precision")
@@ -68,3 +71,52 @@ def _is_artifact_manifest(key: str) -> bool:
     # models/<name>/<precision>/<fingerprint>/manifest.json
     parts = key.split("/")
     return len(parts) == 5 and parts[-1] == "manifest.json"
+
+
+FLOAT_PRECISIONS = ("fp32", "fp16")
+
+
+def find_artifact(storage: Storage, name: str, fingerprint: str) -> dict[str, Any]:
+    """The artifact manifest of `name` with this fingerprint, whatever its precision."""
+    for manifest in list_artifacts(storage, name):
+        if manifest["fingerprint"] == fingerprint:
+            return manifest
+    raise InvalidRequest(f"model {name!r} has no artifact {fingerprint!r}", field="fingerprint")
+
+
+def float_base(storage: Storage, name: str) -> ModelRef:
+    """The float artifact a calibration starts from: the default if it is float, else the default's base."""
+    ref = resolve_model(storage, name)
+    if ref.precision in FLOAT_PRECISIONS:
+        return ref
+    manifest = find_artifact(storage, name, ref.fingerprint)
+    base = manifest.get("base") or {}
+    if base.get("precision") in FLOAT_PRECISIONS:
+        return ModelRef(name, base["precision"], base["fingerprint"], ref.family, ref.width, ref.height, ref.scheduler)
+    return resolve_model(storage, name, "fp16" if any(
+        m["precision"] == "fp16" for m in list_artifacts(storage, name)) else "fp32")
+
+
+def set_default(storage: Storage, name: str, precision: str, fingerprint: str, *, reason: str) -> dict[str, Any]:
+    """Make an artifact the one new jobs of `name` use; the previous defaults are kept for rollback."""
+    current = default_of(storage, name)
+    history = list(current.get("history", [])) if current else []
+    if current and (current["precision"], current["fingerprint"]) != (precision, fingerprint):
+        history.append({k: current[k] for k in ("precision", "fingerprint", "reason", "since") if k in current})
+    record = {"precision": precision, "fingerprint": fingerprint, "reason": reason,
+              "since": datetime.now(UTC).isoformat(), "history": history[-20:]}
+    storage.put_json(keys.model_default_key(name), record)
+    return record
+
+
+def rollback(storage: Storage, name: str) -> dict[str, Any]:
+    """Go back to the previous default of `name`."""
+    current = default_of(storage, name)
+    if not current or not current.get("history"):
+        raise InvalidRequest(f"model {name!r} has no earlier default to roll back to", field="name")
+    *older, previous = current["history"]
+    record = {"precision": previous["precision"], "fingerprint": previous["fingerprint"],
+              "reason": f"rollback from {current['precision']} {current['fingerprint']}",
+              "since": datetime.now(UTC).isoformat(), "history": older}
+    storage.put_json(keys.model_default_key(name), record)
+    return record

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 GENERATE_TASK = "darkroom.generate"
 CONVERT_TASK = "darkroom.convert"
+CALIBRATE_TASK = "darkroom.calibrate"
 
 CONVERT_QUEUE = "convert"
 CALIBRATE_QUEUE = "calibrate"
@@ -15,6 +16,8 @@ CALIBRATE_QUEUE = "calibrate"
 SCHEDULER_NAMES: tuple[str, ...] = ("pndm", "ddim", "lms", "euler", "euler-a", "unipc", "dpm++2m")
 
 FAMILIES: tuple[str, ...] = ("sd",)
+
+CALIBRATION_MODES: tuple[str, ...] = ("int8", "weights-int8", "hybrid")
 
 
 def generate_queue(device: str) -> str:

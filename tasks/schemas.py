@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tasks.errors import InvalidRequest
-from tasks.names import FAMILIES, SCHEDULER_NAMES
+from tasks.names import CALIBRATION_MODES, FAMILIES, SCHEDULER_NAMES
 
 MAX_SEED = 2**63 - 1
 
@@ -102,6 +102,33 @@ class ConvertJob(BaseModel):
     source: str = Field(min_length=1)
     weight_format: Literal["fp16", "fp32"] = "fp16"
     make_default: bool = True
+
+
+class Gates(BaseModel):
+    """What an INT8 artifact must show, measured against its float base, to become the model's default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_speedup: float = Field(default_factory=lambda: float(os.environ.get("DARKROOM_GATE_MIN_SPEEDUP", 1.2)),
+                               ge=0.0, allow_inf_nan=False)
+    min_psnr_db: float = Field(default_factory=lambda: float(os.environ.get("DARKROOM_GATE_MIN_PSNR", 25.0)),
+                               ge=0.0, allow_inf_nan=False)
+
+
+class CalibrateJob(BaseModel):
+    """Calibrate a model's float artifact to INT8 on a calibration dataset, measure it, maybe promote it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    dataset: str | None = None
+    subset_size: int = Field(default=16, ge=1, le=10_000)
+    mode: Literal[CALIBRATION_MODES] = "int8"  # type: ignore[valid-type]
+    steps: int = Field(default=10, ge=1, le=150)
+    gates: Gates = Field(default_factory=Gates)
+    promote: bool = True
+    force: bool = False
+    origin: str = "manual"
 
 
 class ItemResult(BaseModel):

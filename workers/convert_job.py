@@ -14,6 +14,7 @@ from pydantic import ValidationError
 import darkroom
 from storage import StorageError, StorageUnavailable, keys
 from tasks.errors import InvalidRequest, TransientError
+from tasks.models import default_of, set_default
 from tasks.schemas import ConvertJob, invalid_from_validation
 from workers.runtime import WorkerRuntime
 
@@ -47,7 +48,8 @@ def run_convert(payload: object, runtime: WorkerRuntime) -> dict[str, Any]:
     storage = runtime.storage
     try:
         # 2. Already converted: nothing to do (a re-delivered job costs one lookup).
-        if storage.exists(manifest_key):
+        fresh = not storage.exists(manifest_key)
+        if not fresh:
             manifest = storage.get_json(manifest_key)
         else:
             # 3. Convert into a temporary folder, upload every file, then the manifest.
@@ -58,9 +60,10 @@ def run_convert(payload: object, runtime: WorkerRuntime) -> dict[str, Any]:
                 manifest = _manifest(job, name, precision, fingerprint, result.out_dir, result.family)
                 manifest["convert_seconds"] = round(time.perf_counter() - started, 3)
             storage.put_json(manifest_key, manifest)
-        # 4. The newest conversion becomes the default unless asked otherwise.
-        if job.make_default:
-            storage.put_json(keys.model_default_key(name), {"precision": precision, "fingerprint": fingerprint})
+        # 4. A new conversion becomes the default unless asked otherwise (a repeat leaves, say, a promoted
+        #    INT8 default alone).
+        if job.make_default and (fresh or default_of(storage, name) is None):
+            set_default(storage, name, precision, fingerprint, reason=f"converted from {job.source}")
     except StorageUnavailable as exc:
         raise TransientError(f"storage unavailable: {exc}") from exc
     except StorageError as exc:

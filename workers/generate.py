@@ -13,6 +13,7 @@ import darkroom
 from storage import StorageError, StorageUnavailable, keys
 from tasks.errors import InvalidRequest, TransientError
 from tasks.schemas import GenerateJob, ItemResult, invalid_from_validation
+from workers import metrics
 from workers.png import encode_png
 from workers.runtime import WorkerRuntime
 
@@ -64,6 +65,7 @@ def run_generate(payload: object, runtime: WorkerRuntime, *, attempt: int = 1) -
         raise InvalidRequest(str(exc), field="model") from None
     except StorageError as exc:
         raise TransientError(f"storage error: {exc}") from exc
+    metrics.observe_image(runtime.device, job.model, out.timings, job.steps)
     return _record(runtime, result)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
@@ -11,7 +12,8 @@ from celery.signals import worker_process_init
 
 from broker.settings import Settings
 from tasks.errors import InvalidRequest, TransientError
-from tasks.names import CONVERT_TASK, GENERATE_TASK
+from tasks.names import CALIBRATE_TASK, CONVERT_TASK, GENERATE_TASK
+from workers import metrics
 
 log = logging.getLogger(__name__)
 
@@ -44,33 +46,34 @@ def register_tasks(app: Celery, settings: Settings, device: str, *, preload: lis
         try:
             outcome = run_generate(job, rt, attempt=attempt)
         except InvalidRequest as exc:
+            metrics.observe_failure("generate", "invalid")
             outcome = record_failure(job, rt, f"invalid request: {exc}", attempt=attempt)
         except TransientError as exc:
             if self.request.retries >= settings.max_retries:
+                metrics.observe_failure("generate", "transient")
                 outcome = record_failure(job, rt, f"gave up after {attempt} attempts: {exc}", attempt=attempt)
             else:
+                metrics.observe_retry("generate")
                 log.warning("item %s: %s; retrying", self.request.id, exc)
                 raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from None
         except Exception as exc:  # a bug or a runtime failure: report the item, keep the batch going
             log.exception("item %s failed", self.request.id)
+            metrics.observe_failure("generate", "error")
             outcome = record_failure(job, rt, f"{type(exc).__name__}: {exc}", attempt=attempt)
+        metrics.sync_pool(rt)
         return outcome.result.model_dump(include=_SUMMARY_FIELDS)
 
     @app.task(name=CONVERT_TASK, bind=True, max_retries=settings.max_retries)
     def convert(self: Task, job: dict[str, Any]) -> dict[str, Any]:
         from workers.convert_job import run_convert
 
-        try:
-            return {"status": "done", **run_convert(job, runtime())}
-        except InvalidRequest as exc:
-            return {"status": "failed", "error": str(exc)}
-        except TransientError as exc:
-            if self.request.retries >= settings.max_retries:
-                return {"status": "failed", "error": f"gave up after {self.request.retries + 1} attempts: {exc}"}
-            raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from None
-        except Exception as exc:
-            log.exception("conversion failed")
-            return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        return _model_job(self, settings, lambda: {"status": "done", **run_convert(job, runtime())})
+
+    @app.task(name=CALIBRATE_TASK, bind=True, max_retries=settings.max_retries)
+    def calibrate(self: Task, job: dict[str, Any]) -> dict[str, Any]:
+        from workers.calibrate_job import run_calibrate
+
+        return _model_job(self, settings, lambda: run_calibrate(job, runtime()))
 
     if preload:
         @worker_process_init.connect(weak=False)
@@ -82,3 +85,27 @@ def register_tasks(app: Celery, settings: Settings, device: str, *, preload: lis
                 ref = resolve_model(rt.storage, name)
                 rt.pool.get(ref.name, ref.precision, ref.fingerprint, width=ref.width, height=ref.height, cfg=True)
                 log.info("preloaded %s (%s %s)", name, ref.precision, ref.fingerprint)
+            metrics.sync_pool(rt)
+
+
+def _model_job(task: Task, settings: Settings, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Conversion and calibration: a small JSON result either way; only transient trouble is retried."""
+    kind = task.name.rsplit(".", 1)[-1]
+    try:
+        result = run()
+        if result.get("status") == "failed":  # a job that reports its own failure (e.g. not enough memory)
+            metrics.observe_failure(kind, "invalid")
+        return result
+    except InvalidRequest as exc:
+        metrics.observe_failure(kind, "invalid")
+        return {"status": "failed", "error": str(exc)}
+    except TransientError as exc:
+        if task.request.retries >= settings.max_retries:
+            metrics.observe_failure(kind, "transient")
+            return {"status": "failed", "error": f"gave up after {task.request.retries + 1} attempts: {exc}"}
+        metrics.observe_retry(kind)
+        raise task.retry(exc=exc, countdown=backoff(task.request.retries)) from None
+    except Exception as exc:
+        log.exception("%s failed", task.name)
+        metrics.observe_failure(kind, "error")
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}

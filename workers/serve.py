@@ -11,6 +11,7 @@ from broker.app import make_app
 from broker.progress import BatchProgress
 from broker.settings import Settings
 from tasks.names import generate_queue
+from workers import metrics
 from workers.device import UnknownDevice, check_device
 from workers.handlers import register_tasks
 
@@ -23,7 +24,8 @@ def probe_devices() -> list[str]:
 
 
 def run_worker(settings: Settings, *, device: str, queues: list[str] | None = None,
-               preload: list[str] | None = None, concurrency: int = 1, loglevel: str = "INFO") -> None:
+               preload: list[str] | None = None, concurrency: int = 1, loglevel: str = "INFO",
+               metrics_port: int | None = None, metrics_address: str | None = None) -> None:
     """Blocks until the worker shuts down (SIGTERM/SIGINT: warm shutdown, the running job finishes)."""
     # 1. The device must exist here, or nothing this worker takes could run.
     device = check_device(device, probe_devices())
@@ -36,6 +38,10 @@ def run_worker(settings: Settings, *, device: str, queues: list[str] | None = No
     argv = ["worker", "-Q", ",".join(names), "-c", str(concurrency), "-P", "prefork",
             "-n", f"darkroom-{device}-{os.getpid()}@%h", "--loglevel", loglevel, "-E",
             "--without-mingle", "--without-gossip"]
+    # 4. Prometheus metrics (off unless a port is given, here or in DARKROOM_METRICS_PORT), before the pool forks.
+    metrics_port = metrics_port or metrics.port_from_env()
+    if metrics_port:
+        metrics.serve_metrics(metrics_port, metrics_address or os.environ.get(metrics.ENV_ADDRESS) or "0.0.0.0")
     app.worker_main(argv)
 
 

@@ -1,0 +1,22 @@
+"""What every `darkroom` subcommand shares: exit codes, the one-line error, settings from flags and env."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+EXIT_FAILED_ITEMS = 1
+EXIT_INVALID = 2
+EXIT_UNAVAILABLE = 3
+
+
+def fail(message: str, code: int) -> int:
+    print(f"darkroom: error: {message}", file=sys.stderr)
+    return code
+
+
+def settings_of(args: argparse.Namespace) -> Any:
+    from broker.settings import Settings
+
+    return Settings.from_env(broker_url=args.broker_url, storage_url=args.storage_url)
