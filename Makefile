@@ -12,6 +12,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[worker,embedded,dev]'
+	# The optional invisible watermark: without its declared deps, which would add opencv-python (the GUI build,
+	# owning the same cv2 module as opencv-python-headless); it runs on the headless build and PyWavelets.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -c constraints.txt invisible-watermark
 	touch $(STAMP)
 
 demo: $(STAMP)

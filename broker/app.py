@@ -6,6 +6,7 @@ from celery import Celery
 from kombu import Queue
 
 from broker.settings import Settings
+from broker.tls import ssl_options
 from tasks.names import CALIBRATE_QUEUE, CALIBRATE_TASK, CONVERT_QUEUE, CONVERT_TASK, GENERATE_TASK, generate_queue
 
 
@@ -48,6 +49,11 @@ def make_app(settings: Settings) -> Celery:
         redbeat_redis_options={},
         beat_max_loop_interval=5,
     )
+    # rediss:// URLs: TLS options from the URL's query string (broker/tls.py).
+    if (broker_ssl := ssl_options(settings.broker_url)) is not None:
+        app.conf.broker_use_ssl = broker_ssl
+    if (backend_ssl := ssl_options(settings.backend_url)) is not None:
+        app.conf.redis_backend_use_ssl = backend_ssl
     return app
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 from broker.settings import redact_url
 from tasks.errors import ServiceUnavailable
@@ -35,6 +37,8 @@ class BatchCounts:
     total: int
     done: int
     failed: int
+    # How many finished items the batch manifest in storage covered when it was last written.
+    in_manifest: int = 0
 
     @property
     def finished(self) -> int:
@@ -50,9 +54,12 @@ class BatchCounts:
 class BatchProgress:
     """Reads and writes batch progress; the client is made on first use, not at construction."""
 
-    def __init__(self, redis_url: str, *, ttl: int = 14 * 24 * 3600) -> None:
+    def __init__(self, redis_url: str, *, ttl: int = 14 * 24 * 3600, ride_out: float = 0.0) -> None:
         self.redis_url = redis_url
         self.ttl = ttl
+        # Workers ride out a Redis restart of about this many seconds: commands retry with backoff (capped at
+        # 2 s) instead of failing the job whose image is already written. 0: redis-py's default few retries.
+        self.ride_out = ride_out
         self._client: redis.Redis | None = None
 
     @property
@@ -61,6 +68,8 @@ class BatchProgress:
             self._client = redis.Redis.from_url(
                 self.redis_url, decode_responses=True, socket_connect_timeout=5, socket_timeout=30,
                 health_check_interval=30, retry_on_timeout=True,
+                **({"retry": Retry(ExponentialWithJitterBackoff(base=0.25, cap=2.0), int(self.ride_out))}
+                   if self.ride_out > 0 else {}),
             )
         return self._client
 
@@ -94,10 +103,18 @@ class BatchProgress:
         return BatchCounts(result.batch_id, int(total or 0), int(done or 0), int(failed or 0))
 
     def counts(self, batch_id: str) -> BatchCounts | None:
-        total, done, failed = self.client.hmget(_key(batch_id, "meta"), "total", "done", "failed")
+        total, done, failed, manifest = self.client.hmget(_key(batch_id, "meta"), "total", "done", "failed",
+                                                          "in_manifest")
         if total is None:
             return None
-        return BatchCounts(batch_id, int(total), int(done or 0), int(failed or 0))
+        return BatchCounts(batch_id, int(total), int(done or 0), int(failed or 0), int(manifest or 0))
+
+    def mark_manifest(self, batch_id: str, items: int) -> None:
+        """The manifest now in storage covers `items` finished items (never lowered by a late writer)."""
+        key = _key(batch_id, "meta")
+        self.client.eval("local v = tonumber(redis.call('HGET', KEYS[1], 'in_manifest') or '0') "
+                         "if tonumber(ARGV[1]) > v then redis.call('HSET', KEYS[1], 'in_manifest', ARGV[1]) end "
+                         "return 0", 1, key, items)
 
     def status_of(self, batch_id: str) -> dict[int, str]:
         return {int(k): v for k, v in self.client.hgetall(_key(batch_id, "status")).items()}

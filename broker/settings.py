@@ -17,13 +17,17 @@ class Settings:
     result_backend: str | None = None
     storage_url: str = DEFAULT_STORAGE_URL
     cache_dir: Path = Path.home() / ".cache" / "darkroom"
-    # Above the longest job, or Redis hands a running job to a second worker (FIELD-NOTES).
-    visibility_timeout: int = 7200
+    # How long a delivered, unacknowledged job waits before Redis hands it to another worker: the recovery bound
+    # after a whole worker dies. Jobs may run longer: a second delivery finds the item's heartbeat lock and is
+    # deferred, never run beside the first (workers/delivery.py, README "Guarantees").
+    visibility_timeout: int = 300
     # OpenVINO INFERENCE_PRECISION_HINT for workers: "" keeps the device default (bf16 on AMX CPUs).
     inference_precision: str = ""
     max_retries: int = 5
     # How long batch progress stays in Redis; the manifest in storage stays for good.
     progress_ttl: int = 14 * 24 * 3600
+    # Mirror OpenVINO's compiled blobs to storage so a new worker with the same device kind starts warm.
+    share_compiled_cache: bool = True
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -36,6 +40,8 @@ class Settings:
             visibility_timeout=int(env.get("DARKROOM_VISIBILITY_TIMEOUT", cls.visibility_timeout)),
             inference_precision=env.get("DARKROOM_INFERENCE_PRECISION", ""),
             max_retries=int(env.get("DARKROOM_MAX_RETRIES", cls.max_retries)),
+            share_compiled_cache=env.get("DARKROOM_SHARE_COMPILED_CACHE", "1").strip().lower()
+            not in ("0", "false", "no", "off"),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -52,6 +58,7 @@ class Settings:
             "DARKROOM_VISIBILITY_TIMEOUT": str(self.visibility_timeout),
             "DARKROOM_INFERENCE_PRECISION": self.inference_precision,
             "DARKROOM_MAX_RETRIES": str(self.max_retries),
+            "DARKROOM_SHARE_COMPILED_CACHE": "1" if self.share_compiled_cache else "0",
         }
         if self.result_backend:
             env["DARKROOM_RESULT_BACKEND"] = self.result_backend

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from darkroom.cli_common import EXIT_FAILED_ITEMS, EXIT_INVALID, EXIT_UNAVAILABLE, fail, settings_of
+from darkroom.cli_demo_model import add_demo_model_commands
 from darkroom.cli_models import add_model_commands
 from darkroom.cli_ops import add_ops_commands
 
@@ -59,6 +60,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt or "", images_per_prompt=args.images_per_prompt,
         scheduler=args.scheduler, device=args.device, precision=args.precision, batch_id=args.batch_id,
         column=args.column, queue=args.queue, skip_invalid=args.skip_invalid, settings=settings_of(args),
+        long_prompts=args.long_prompts, control_image=args.control_image, annotator=args.annotator,
+        controlnet_scale=args.controlnet_scale,
+        init_image=args.init_image, strength=args.strength, watermark=args.watermark,
     )
     for problem in handle.invalid:
         print(f"darkroom: skipped {problem}", file=sys.stderr)
@@ -95,6 +99,8 @@ def _print_summary(summary: Any, *, as_json: bool) -> None:
     for item in summary.items:
         if item.status == "failed":
             print(f"  item {item.index} ({item.prompt!r}): {item.error}")
+        for warning in item.warnings:
+            print(f"  item {item.index}: warning: {warning}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -115,14 +121,22 @@ def cmd_results(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     summary = batch_summary(_check_batch(args.batch), settings)
     if args.download:
+        from storage import ObjectNotFound
+
         storage = open_storage(settings.storage_url)
         target = Path(args.download)
         target.mkdir(parents=True, exist_ok=True)
+        written = 0
         for item in summary.items:
             if item.status == "done":
-                name = Path(keys.image_key(summary.batch_id, item.index)).name
-                (target / name).write_bytes(storage.get_bytes(keys.image_key(summary.batch_id, item.index)))
-        print(f"downloaded {summary.done} image(s) to {target}", file=sys.stderr)
+                # The file name is derived from the item's index, never taken from the manifest's uri.
+                try:
+                    key = keys.image_key(summary.batch_id, item.index)
+                    keys.write_download(target, key, storage.get_bytes(key))
+                    written += 1
+                except (ValueError, ObjectNotFound) as exc:
+                    print(f"darkroom: skipped item {item.index!r}: {exc}", file=sys.stderr)
+        print(f"downloaded {written} image(s) to {target}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary.as_json(), indent=2))
     else:
@@ -142,13 +156,13 @@ def _check_batch(batch: str) -> str:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.serve import UnknownDevice, run_worker
+    from workers.serve import InvalidCores, UnknownDevice, run_worker
 
     queues = [q for q in (args.queues or "").split(",") if q] or None
     try:
         run_worker(settings_of(args), device=args.device, queues=queues, preload=args.preload,
-                   concurrency=args.concurrency, loglevel=args.loglevel)
-    except UnknownDevice as exc:
+                   concurrency=args.concurrency, loglevel=args.loglevel, cores=args.cores)
+    except (UnknownDevice, InvalidCores) as exc:
         return fail(str(exc), EXIT_INVALID)
     return 0
 
@@ -157,7 +171,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from tasks.producer import submit_convert
 
     result = submit_convert(args.source, name=args.name, weight_format=args.weight_format,
-                            settings=settings_of(args), make_default=not args.no_default)
+                            settings=settings_of(args), make_default=not args.no_default, family=args.family)
     if not args.wait:
         print(f"conversion {result.id} queued")
         return 0
@@ -179,7 +193,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tasks.names import SCHEDULER_NAMES
+    from tasks.names import ANNOTATORS, SCHEDULER_NAMES
 
     parser = argparse.ArgumentParser(prog="darkroom", description=__doc__)
     parser.add_argument("--broker-url", help="Redis URL (env DARKROOM_BROKER_URL)")
@@ -189,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the whole system on embedded defaults")
     p.add_argument("--data-dir", default="darkroom-data")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--size", type=int, default=64)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("submit", help="submit a prompt batch")
@@ -209,6 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--column", help="the prompt column of a CSV or dataset")
     p.add_argument("--queue", help="send to this queue instead of generate.DEVICE")
     p.add_argument("--skip-invalid", action="store_true", help="enqueue the valid lines, report the others")
+    p.add_argument("--control-image", metavar="PATH", help="ControlNet models: the control image of every item "
+                   "(a control_image column of a .jsonl/.csv overrides it per item)")
+    p.add_argument("--annotator", help=f"ControlNet models: annotate the control image first, one of "
+                   f"{', '.join(ANNOTATORS)}")
+    p.add_argument("--controlnet-scale", type=float, help="ControlNet models: weight of the control (default 1.0)")
+    p.add_argument("--init-image", metavar="PATH", help="SD 1.x image-to-image: the image every item starts from "
+                   "(an init_image column of a .jsonl/.csv overrides it per item); it sets the output size")
+    p.add_argument("--strength", type=float, help="image-to-image: how much to redraw, in (0, 1] (default 0.8)")
+    p.add_argument("--watermark", metavar="TEXT", help="embed TEXT as an invisible watermark in every image "
+                   "(images of at least 256x256; recorded in the PNG metadata)")
+    p.add_argument("--long-prompts", choices=("reject", "truncate"), default="reject",
+                   help="prompts longer than the model's tokens: refuse the batch (default), or render the "
+                        "first tokens and record a warning in the item's result")
     p.add_argument("--wait", action="store_true", help="show progress; exit 1 if any item failed")
     p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary")
@@ -228,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queues", help="comma-separated queues (default: generate.DEVICE)")
     p.add_argument("--preload", action="append", metavar="MODEL", help="compile MODEL before taking jobs")
     p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--cores", metavar="LIST", help="pin the worker to these CPU cores, e.g. 0-7 or 0,2,4 "
+                   "(OpenVINO then runs exactly that many threads); several workers can split one machine")
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(func=cmd_worker)
 
@@ -235,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a local diffusers folder or a Hugging Face repo id")
     p.add_argument("--name", required=True)
     p.add_argument("--weight-format", choices=("fp16", "fp32"), default="fp16")
+    p.add_argument("--family", help="model family (sd, sdxl, ...; default: detected from model_index.json); "
+                   "a model of another family is refused")
     p.add_argument("--no-default", action="store_true", help="do not make it the model's default")
     p.add_argument("--no-wait", dest="wait", action="store_false")
     p.add_argument("--timeout", type=float, default=3600)
@@ -243,4 +274,5 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_model_commands(sub)
     add_ops_commands(sub)
+    add_demo_model_commands(sub)
     return parser

@@ -54,6 +54,10 @@ def _print_report(report: dict[str, Any]) -> None:
           f"(UNet x{m['unet_speedup']:.2f})")
     print(f"      drift vs float: PSNR {m['psnr_db']:.1f} dB (min {m['min_psnr_db']:.1f}), "
           f"max pixel difference {m['max_pixel_diff']}")
+    if report.get("adherence"):
+        a = report["adherence"]
+        print(f"      prompt adherence: FP32 {a['fp32']:.1f}%, INT8 {a['int8']:.1f}% (drop {a['drop']:.1f}, "
+              f"at most {a['max_drop']:.1f} points); contact sheets {', '.join(a['contact_sheets'].values())}")
     print(f"      {'passed' if decision['passed'] else 'rejected'}: {decision['reason']}")
 
 
@@ -62,6 +66,7 @@ def _job(args: argparse.Namespace) -> Any:
 
     return calibrate_job(args.name, dataset=args.dataset, subset_size=args.subset_size, mode=args.mode,
                          steps=args.steps, min_speedup=args.min_speedup, min_psnr_db=args.min_psnr,
+                         max_adherence_drop=args.max_adherence_drop,
                          promote=False if args.no_promote else None, force=True if args.force else None)
 
 
@@ -145,6 +150,8 @@ def _calibration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="denoising steps of the calibration and validation runs")
     p.add_argument("--min-speedup", type=float, help="gate: end-to-end speed-up over float (default 1.2)")
     p.add_argument("--min-psnr", type=float, help="gate: PSNR in dB of INT8 vs float images (default 25)")
+    p.add_argument("--max-adherence-drop", type=float,
+                   help="gate, models with a scorer: INT8 adherence at most this many points below FP32 (default 2)")
     p.add_argument("--no-promote", action="store_true", help="never make it the default, even if it passes")
     p.add_argument("--force", action="store_true", help="calibrate even if nothing changed")
 

@@ -11,22 +11,16 @@ from pathlib import Path
 
 from broker.settings import Settings
 
-DEMO_MODEL = "tiny-sd"
+DEMO_MODEL = "demo-shapes"
+# The built-in model draws one coloured shape (darkroom/data/demo-model/README.md): prompts from its grammar.
 DEMO_PROMPTS = [
-    "a lighthouse on a cliff at dusk, oil painting",
-    "a red fox in fresh snow, photograph",
-    "an astronaut reading a newspaper on the moon",
-    "a bowl of ramen, studio lighting",
-    "a watercolor map of an imaginary island",
-    "a cat wearing a tiny wizard hat",
-    "a steam locomotive crossing a stone bridge",
-    "a neon-lit street in the rain at night",
-    "a field of sunflowers under a thunderstorm",
-    "a paper boat on a puddle, macro photograph",
+    "a red circle", "a green square", "a blue triangle", "a yellow circle", "a red square", "a green triangle",
+    "a blue circle", "a yellow square", "a red triangle", "a green circle", "a blue square", "a yellow triangle",
 ]
+DEMO_GUIDANCE = 6.0
 
 
-def run_demo(data_dir: Path, *, steps: int = 20, size: int = 128, seed: int = 42) -> int:
+def run_demo(data_dir: Path, *, steps: int = 20, size: int = 64, seed: int = 42) -> int:
     """Embedded Redis, one CPU worker, local storage under `data_dir`; everything stops on exit or Ctrl-C."""
     from broker.embedded import EmbeddedRedis
 
@@ -44,7 +38,7 @@ def run_demo(data_dir: Path, *, steps: int = 20, size: int = 128, seed: int = 42
         settings = Settings(broker_url=redis_server.url, storage_url=str(data_dir),
                             cache_dir=local / "cache")
         print(f"[1/5] Redis on {redis_server.url}; storage in {data_dir}")
-        source = _tiny_model(local / "sources" / DEMO_MODEL)
+        source = _demo_model()
         worker = _start_worker(settings, local / "worker.log")
         print(f"[3/5] worker pid {worker.pid} on device CPU (log: {local / 'worker.log'})")
         _convert(source, settings)
@@ -59,13 +53,12 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _tiny_model(target: Path) -> Path:
-    from workers.tiny_models import build_tiny_sd
+def _demo_model() -> Path:
+    from workers.demo_model import shipped_model_dir
 
-    fresh = not (target / "model_index.json").exists()
-    build_tiny_sd(target, seed=0, variant="sd")
-    print(f"[2/5] {'built' if fresh else 'reusing'} a tiny random-weight SD model at {target}")
-    return target
+    source = shipped_model_dir()
+    print(f"[2/5] the built-in demo model (trained to draw coloured shapes) at {source}")
+    return source
 
 
 def _start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
@@ -96,7 +89,7 @@ def _render(settings: Settings, *, steps: int, size: int, seed: int) -> int:
     from tasks.producer import submit
 
     handle = submit(DEMO_PROMPTS, model=DEMO_MODEL, steps=steps, width=size, height=size, seed=seed,
-                    settings=settings)
+                    guidance=DEMO_GUIDANCE, settings=settings)
     print(f"[5/5] batch {handle.batch_id}: {handle.total} prompts through the queue")
     summary = _wait_with_progress(handle, quiet=False, timeout=1800)
     _print_summary(summary, as_json=False)

@@ -164,6 +164,11 @@ class Storage(ABC):
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise StorageError(f"{self.uri(key)} is not UTF-8 JSON: {exc}") from None
 
+    def put_file(self, path: Path, key: str, content_type: str | None = None) -> str:
+        """Upload one local file, streamed (blobs and weights can be gigabytes); return its URI."""
+        self._put_file(Path(path), validate_key(key), content_type)
+        return self.uri(key)
+
     def upload_dir(self, local_dir: Path, prefix: str) -> list[str]:
         """Upload every file under `local_dir`; keys are `prefix` + the file's relative posix path."""
         validate_folder_prefix(prefix)

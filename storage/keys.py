@@ -6,7 +6,9 @@ address an object outside its own folder (`..`, `/`, control characters) nor col
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 # `\Z`, not `$`: `$` also matches before a trailing newline, which would let "name\n" through.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
@@ -64,6 +66,11 @@ def contact_sheet_key(batch_id: str) -> str:
     return f"{_batch_prefix(batch_id)}contact-sheet.png"
 
 
+def batch_adherence_key(batch_id: str) -> str:
+    """`darkroom score`'s prompt-adherence result, beside the batch manifest."""
+    return f"{_batch_prefix(batch_id)}adherence.json"
+
+
 def models_prefix() -> str:
     return "models/"
 
@@ -100,3 +107,77 @@ def calibration_runs_prefix(name: str) -> str:
 
 def calibration_run_key(name: str, stamp: str) -> str:
     return f"{calibration_runs_prefix(name)}{check_name('calibration run', stamp)}.json"
+
+
+def compiled_blob_prefix(device: str, signature: str, name: str, precision: str, fingerprint: str) -> str:
+    """OpenVINO compiled blobs of one artifact for one kind of device (workers/blob_cache.py)."""
+    return (f"ov-cache/{check_name('device', device)}/{check_fingerprint(signature)}/{check_name('model', name)}/"
+            f"{check_precision(precision)}/{check_fingerprint(fingerprint)}/")
+
+
+def download_path(directory: str | os.PathLike[str], key: str) -> Path:
+    """Where the object `key` lands in a local `directory`: its last part only, checked, never outside it."""
+    name = key.rsplit("/", 1)[-1]
+    check_name("file", name)
+    root = Path(directory).resolve()
+    path = root / name
+    if path.parent != root:  # unreachable with a checked name; kept as the rule itself
+        raise InvalidName(f"{key!r} would land outside {root}")
+    return path
+
+
+def write_download(directory: str | os.PathLike[str], key: str, data: bytes) -> Path:
+    """Write `data` as `key`'s file in `directory` atomically; a symlink already there is replaced, not followed."""
+    import tempfile
+
+    path = download_path(directory, key)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".darkroom-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+_DIGEST = re.compile(r"[0-9a-f]{64}\Z")
+
+
+def check_digest(digest: str) -> str:
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        raise InvalidName(f"invalid content digest {digest!r}: must be 64 lowercase hex digits (sha256)")
+    return digest
+
+
+def control_image_key(digest: str) -> str:
+    """A ControlNet control image, content-addressed: the same file is stored once, under the same key."""
+    return f"controls/{check_digest(digest)}.png"
+
+
+def control_digest_of(reference: str) -> str:
+    """The digest inside a control image's key or URI (`.../controls/<sha256>.png`); InvalidName otherwise."""
+    match = re.search(r"(?:^|/)controls/([0-9a-f]{64})\.png\Z", reference or "")
+    if match is None:
+        raise InvalidName(f"{reference!r} is not a control image reference (expected .../controls/<sha256>.png)")
+    return match.group(1)
+
+
+def annotation_key(digest: str, annotator: str, settings_digest: str) -> str:
+    """A control image annotated by one annotator with one set of settings (cached, computed once)."""
+    return (f"controls/annotated/{check_digest(digest)}/{check_name('annotator', annotator)}-"
+            f"{check_fingerprint(settings_digest)}.png")
+
+
+def init_image_key(digest: str) -> str:
+    """An image-to-image init image, content-addressed: the same file is stored once, under the same key."""
+    return f"inputs/{check_digest(digest)}.png"
+
+
+def init_image_digest_of(reference: str) -> str:
+    """The digest inside an init image's key or URI (`.../inputs/<sha256>.png`); InvalidName otherwise."""
+    match = re.search(r"(?:^|/)inputs/([0-9a-f]{64})\.png\Z", reference or "")
+    if match is None:
+        raise InvalidName(f"{reference!r} is not an init image reference (expected .../inputs/<sha256>.png)")
+    return match.group(1)

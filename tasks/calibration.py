@@ -18,7 +18,8 @@ from tasks.schemas import CalibrateJob, invalid_from_validation
 
 def calibrate_job(name: str, **options: Any) -> CalibrateJob:
     """A validated calibration request; None options take the defaults."""
-    gates = {k: options.pop(k) for k in ("min_speedup", "min_psnr_db") if options.get(k) is not None}
+    gates = {k: options.pop(k) for k in ("min_speedup", "min_psnr_db", "max_adherence_drop")
+             if options.get(k) is not None}
     options = {k: v for k, v in options.items() if v is not None}
     try:
         return CalibrateJob.model_validate({"name": name, **options, **({"gates": gates} if gates else {})})

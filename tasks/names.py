@@ -15,9 +15,13 @@ CALIBRATE_QUEUE = "calibrate"
 # The schedulers a request may name, mapped to diffusers classes on the worker (workers/schedulers.py).
 SCHEDULER_NAMES: tuple[str, ...] = ("pndm", "ddim", "lms", "euler", "euler-a", "unipc", "dpm++2m")
 
-FAMILIES: tuple[str, ...] = ("sd",)
+# Model families (workers/families.py maps each to its converter and OpenVINO pipeline).
+FAMILIES: tuple[str, ...] = ("sd", "sdxl", "controlnet")
 
 CALIBRATION_MODES: tuple[str, ...] = ("int8", "weights-int8", "hybrid")
+
+# ControlNet annotators a request may name (workers/annotators.py runs them from controlnet-aux).
+ANNOTATORS: tuple[str, ...] = ("canny", "openpose", "mlsd", "hed", "lineart", "depth", "segment")
 
 
 def generate_queue(device: str) -> str:

@@ -10,18 +10,36 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import redis
+from pydantic import ValidationError
+
 from broker.app import make_app
 from broker.progress import BatchCounts, BatchProgress
 from broker.settings import Settings
 from storage import ObjectNotFound, StorageError, keys, open_storage
-from tasks.errors import InvalidRequest, ServiceUnavailable
+from tasks.errors import InvalidRequest, InvalidRequests, ServiceUnavailable
 from tasks.models import ModelRef, resolve_model
-from tasks.names import CONVERT_QUEUE, CONVERT_TASK, GENERATE_TASK, generate_queue
+from tasks.names import CONVERT_QUEUE, CONVERT_TASK, FAMILIES, GENERATE_TASK, generate_queue
 from tasks.prompts import PromptLine, load_prompts, require_prompts
-from tasks.schemas import ConvertJob, GenerateJob, ItemResult, Limits, check_scheduler, check_size
+from tasks.schemas import (
+    MAX_SEED,
+    ConvertJob,
+    GenerateJob,
+    ItemRequest,
+    ItemResult,
+    Limits,
+    check_scheduler,
+    check_size,
+    invalid_from_validation,
+)
 from tasks.seeds import derive_seed, random_batch_seed
+from tasks.tokens import enforce_prompt_length
 
 DEFAULT_STEPS = 20
+# How long a waiting producer keeps reconnecting to a Redis that went away before it gives up.
+RECONNECT_FOR = 120.0
+# How long wait() gives a finished batch's manifest to appear in storage before returning without it.
+MANIFEST_GRACE = 60.0
 DEFAULT_GUIDANCE = 7.5
 
 
@@ -39,7 +57,7 @@ class BatchSummary:
         return {
             "batch_id": self.batch_id, "state": self.state, "total": self.total, "done": self.done,
             "failed": self.failed, "invalid": list(self.invalid),
-            "items": [i.model_dump(include={"index", "prompt", "seed", "status", "uri", "error"})
+            "items": [i.model_dump(include={"index", "prompt", "seed", "status", "uri", "error", "warnings"})
                       for i in self.items],
         }
 
@@ -68,12 +86,33 @@ class BatchHandle:
              on_progress: Callable[[BatchCounts], None] | None = None) -> BatchSummary:
         """Block until every item is done or failed; TimeoutError after `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        broken_since: float | None = None
+        finished_at: float | None = None
         while True:
-            counts = self.counts()
+            try:
+                counts = self.counts()
+                broken_since = None
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # Redis restarting (or LOADING its AOF): keep waiting and reconnect, for up to RECONNECT_FOR s.
+                broken_since = broken_since or time.monotonic()
+                if time.monotonic() - broken_since > RECONNECT_FOR:
+                    raise ServiceUnavailable(f"lost the broker for more than {RECONNECT_FOR:.0f} s while waiting "
+                                             f"for batch {self.batch_id} ({type(exc).__name__})") from None
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"batch {self.batch_id}: broker unreachable at the {timeout:.0f} s "
+                                       "timeout") from None
+                time.sleep(poll)
+                continue
             if on_progress:
                 on_progress(counts)
             if counts.total and counts.finished >= counts.total:
-                return self.summary()
+                # The manifest is written just after the last item is counted: wait for it, so a caller can
+                # read it at once; a manifest that never comes (storage gone) does not block for good.
+                finished_at = finished_at or time.monotonic()
+                now = time.monotonic()
+                if (counts.in_manifest >= counts.total or now - finished_at > MANIFEST_GRACE
+                        or (deadline is not None and now > deadline)):
+                    return self.summary()
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"batch {self.batch_id}: {counts.finished}/{counts.total} finished "
                                    f"after {timeout:.0f} s")
@@ -102,6 +141,13 @@ def submit(
     queue: str | None = None,
     skip_invalid: bool = False,
     settings: Settings | None = None,
+    long_prompts: str = "reject",
+    control_image: str | Path | None = None,
+    annotator: str | None = None,
+    controlnet_scale: float | None = None,
+    init_image: str | Path | None = None,
+    strength: float | None = None,
+    watermark: str | None = None,
 ) -> BatchHandle:
     """Validate everything, then enqueue one task per image. Nothing is enqueued if validation fails."""
     settings = settings or Settings.from_env()
@@ -109,6 +155,9 @@ def submit(
     # 1. Parse and validate the prompts and the batch-wide options.
     parsed = load_prompts(prompts, column=column, limits=limits)
     lines = require_prompts(parsed, skip_invalid=skip_invalid)
+    steps, guidance, width, height, seed, negative_prompt, images_per_prompt = _check_options(
+        steps=steps, guidance=guidance, width=width, height=height, seed=seed, negative_prompt=negative_prompt,
+        images_per_prompt=images_per_prompt)
     batch_id = _batch_id(batch_id)
     if scheduler is not None:
         scheduler = _field(check_scheduler, scheduler, "scheduler")
@@ -117,13 +166,38 @@ def submit(
     progress.ping()
     storage = open_storage(settings.storage_url)
     ref = resolve_model(storage, model, precision)
+    # Tokens past the model's limit are reported, never dropped silently (tasks/tokens.py).
+    lines, too_long = enforce_prompt_length(lines, negative_prompt, storage, ref, long_prompts,
+                                            skip_invalid=skip_invalid)
+    # ControlNet: each item's control image, checked and uploaded once per file (tasks/control.py).
+    from tasks.control import resolve_controls
+
+    base_dir = Path(prompts).parent if isinstance(prompts, (str, Path)) and Path(prompts).is_file() else None
+    controls = resolve_controls(lines, family=ref.family, model=ref.name, storage=storage,
+                                control_image=control_image, annotator=annotator, controlnet_scale=controlnet_scale,
+                                width=width, height=height, base_dir=base_dir)
+    # Image-to-image: each item's init image, checked and uploaded once per file (tasks/init_images.py).
+    from tasks.init_images import resolve_init_images
+
+    inits = resolve_init_images(lines, family=ref.family, model=ref.name, storage=storage, init_image=init_image,
+                                strength=strength, steps=steps or DEFAULT_STEPS, width=width, height=height,
+                                base_dir=base_dir)
+    for line_number, fields in inits.items():
+        controls.setdefault(line_number, {}).update(fields)
     # 3. Expand prompts into jobs: one per image, with deterministic seeds.
     batch_seed = random_batch_seed() if seed is None else _field(_check_seed, seed, "seed")
     defaults = {"steps": steps or DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE if guidance is None else guidance,
                 "width": width or ref.width, "height": height or ref.height,
                 "scheduler": scheduler or ref.scheduler, "negative_prompt": negative_prompt,
                 "images_per_prompt": images_per_prompt}
-    jobs = _expand(lines, defaults, ref, batch_id, batch_seed, device, limits)
+    jobs = _expand(lines, defaults, ref, batch_id, batch_seed, device, limits, long_prompts, controls)
+    if watermark is not None:  # an invisible watermark in every image of the batch (workers/watermark.py)
+        watermark = _field(_check_watermark, watermark, "watermark")
+        small = next((j for j in jobs if j.width * j.height < 256 * 256), None)
+        if small is not None:
+            raise InvalidRequest(f"an invisible watermark needs images of at least 256x256 pixels; item "
+                                 f"{small.index} is {small.width}x{small.height}", field="watermark")
+        jobs = [GenerateJob.model_validate({**j.model_dump(), "watermark": watermark}) for j in jobs]
     if len(jobs) > limits.max_items:
         raise InvalidRequest(f"{len(jobs)} images is more than the {limits.max_items} allowed", field="prompts")
     # 4. Record the request (storage) and the batch (Redis) before the first task can finish.
@@ -135,7 +209,7 @@ def submit(
     # 5. Enqueue, skipping items a previous submission of the same batch already finished.
     finished = {i for i, status in progress.status_of(batch_id).items() if status == "done"}
     enqueued = send_jobs(jobs, settings, queue=queue or generate_queue(device), skip=finished)
-    invalid = tuple(str(p) for p in parsed.problems)
+    invalid = tuple(str(p) for p in (*parsed.problems, *too_long))
     return BatchHandle(batch_id, len(jobs), settings, invalid, enqueued, progress)
 
 
@@ -154,12 +228,19 @@ def send_jobs(jobs: Sequence[GenerateJob], settings: Settings, *, queue: str, sk
 
 
 def submit_convert(source: str, *, name: str, weight_format: str = "fp16", settings: Settings | None = None,
-                   make_default: bool = True) -> Any:
-    """Enqueue a conversion job on the convert queue; returns its Celery AsyncResult."""
+                   make_default: bool = True, family: str | None = None) -> Any:
+    """Enqueue a conversion job on the convert queue; returns its Celery AsyncResult.
+
+    `family` None: the worker detects it from model_index.json; given, the model must be of that family.
+    """
     settings = settings or Settings.from_env()
+    if family is not None and family not in FAMILIES:
+        raise InvalidRequest(f"unknown model family {family!r}; known families: {', '.join(FAMILIES)}",
+                             field="family")
     try:
         keys.check_name("model", name)
-        job = ConvertJob(name=name, source=str(source), weight_format=weight_format, make_default=make_default)
+        job = ConvertJob(name=name, source=str(source), weight_format=weight_format, make_default=make_default,
+                         family=family)
     except ValueError as exc:
         raise InvalidRequest(str(exc).splitlines()[0], field="name") from None
     if Path(source).exists() and not (Path(source) / "model_index.json").exists():
@@ -187,7 +268,11 @@ def batch_summary(batch_id: str, settings: Settings, progress: BatchProgress | N
         items = tuple(progress.items(batch_id))
         return BatchSummary(batch_id, counts.state, counts.total, counts.done, counts.failed, items, invalid)
     manifest = _manifest(batch_id, settings)
-    items = tuple(ItemResult.model_validate(i) for i in manifest["items"])
+    try:
+        items = tuple(ItemResult.model_validate(i) for i in manifest["items"])
+    except ValidationError as exc:  # a manifest edited or damaged in storage: one line, no traceback
+        raise InvalidRequest(f"the manifest of batch {batch_id!r} in storage is malformed: "
+                             f"{invalid_from_validation(exc)}", field="batch") from None
     return BatchSummary(batch_id, manifest["state"], manifest["total"], manifest["done"], manifest["failed"],
                         items, invalid)
 
@@ -209,22 +294,21 @@ def _manifest(batch_id: str, settings: Settings) -> dict[str, Any]:
 
 
 def _expand(lines: Sequence[PromptLine], defaults: dict[str, Any], ref: ModelRef, batch_id: str,
-            batch_seed: int, device: str, limits: Limits) -> list[GenerateJob]:
+            batch_seed: int, device: str, limits: Limits, long_prompts: str = "reject",
+            controls: dict[int, dict[str, Any]] | None = None) -> list[GenerateJob]:
     jobs: list[GenerateJob] = []
+    problems: list[InvalidRequest] = []
     for pl in lines:
         item = pl.item
-        merged = {**defaults, **item.model_dump(exclude_none=True)}
-        check_size(merged["width"], merged["height"], limits, line=pl.line)
-        if merged["steps"] > limits.max_steps:
-            raise InvalidRequest(f"{merged['steps']} is more than {limits.max_steps}", field="steps", line=pl.line)
-        if not 0 <= merged["guidance"] <= limits.max_guidance:
-            raise InvalidRequest(f"{merged['guidance']} is outside 0..{limits.max_guidance}", field="guidance",
-                                 line=pl.line)
-        count = merged["images_per_prompt"]
-        if not 1 <= count <= limits.max_images_per_prompt:
-            raise InvalidRequest(f"{count} is outside 1..{limits.max_images_per_prompt}",
-                                 field="images_per_prompt", line=pl.line)
-        for k in range(count):
+        control = (controls or {}).get(pl.line, {})
+        size = {k: control[k] for k in ("width", "height") if k in control}
+        merged = {**defaults, **size, **item.model_dump(exclude_none=True)}
+        try:
+            _check_merged(merged, item.seed, limits, pl.line)
+        except InvalidRequest as exc:  # every bad line is reported, not only the first
+            problems.append(exc)
+            continue
+        for k in range(merged["images_per_prompt"]):
             index = len(jobs)
             # An explicit item seed gives its first image that seed, the next ones seed+1, ...
             seed = item.seed + k if item.seed is not None else derive_seed(batch_seed, index)
@@ -232,8 +316,48 @@ def _expand(lines: Sequence[PromptLine], defaults: dict[str, Any], ref: ModelRef
                 batch_id=batch_id, index=index, prompt=item.prompt, negative_prompt=merged["negative_prompt"] or "",
                 seed=seed, steps=merged["steps"], guidance=float(merged["guidance"]), width=merged["width"],
                 height=merged["height"], scheduler=merged["scheduler"], model=ref.name, precision=ref.precision,
-                fingerprint=ref.fingerprint, family=ref.family, device=device))
+                fingerprint=ref.fingerprint, family=ref.family, device=device, long_prompts=long_prompts,
+                **{k: control[k] for k in ("control_image", "annotator", "controlnet_scale", "init_image",
+                                           "strength") if k in control}))
+    if problems:
+        raise problems[0] if len(problems) == 1 else InvalidRequests(problems)
     return jobs
+
+
+def _check_watermark(text: str) -> str:
+    from tasks.schemas import MAX_WATERMARK_CHARS
+
+    if not isinstance(text, str) or not text or len(text) > MAX_WATERMARK_CHARS or not text.isprintable():
+        raise ValueError(f"{text!r}: give 1-{MAX_WATERMARK_CHARS} printable characters")
+    return text
+
+
+def _check_merged(merged: dict[str, Any], item_seed: int | None, limits: Limits, line: int) -> None:
+    check_size(merged["width"], merged["height"], limits, line=line)
+    if merged["steps"] > limits.max_steps:
+        raise InvalidRequest(f"{merged['steps']} is more than {limits.max_steps}", field="steps", line=line)
+    if not 0 <= merged["guidance"] <= limits.max_guidance:
+        raise InvalidRequest(f"{merged['guidance']} is outside 0..{limits.max_guidance}", field="guidance",
+                             line=line)
+    count = merged["images_per_prompt"]
+    if not 1 <= count <= limits.max_images_per_prompt:
+        raise InvalidRequest(f"{count} is outside 1..{limits.max_images_per_prompt}",
+                             field="images_per_prompt", line=line)
+    if item_seed is not None and item_seed + count - 1 > MAX_SEED:
+        raise InvalidRequest(f"{item_seed} + {count - 1} more images passes the largest seed {MAX_SEED}",
+                             field="seed", line=line)
+
+
+def _check_options(**options: Any) -> tuple[Any, ...]:
+    """The batch-wide options, checked by the same field rules as a prompt file's per-item overrides."""
+    try:
+        item = ItemRequest.model_validate({"prompt": "-", **{k: v for k, v in options.items() if v is not None}})
+    except ValidationError as exc:
+        raise invalid_from_validation(exc) from None
+    values = {k: getattr(item, k) for k in options}
+    values["negative_prompt"] = values["negative_prompt"] or ""
+    values["images_per_prompt"] = values["images_per_prompt"] or 1
+    return tuple(values.values())
 
 
 def _batch_id(batch_id: str | None) -> str:

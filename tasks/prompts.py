@@ -136,7 +136,8 @@ def _jsonl_rows(path: Path) -> Iterable[tuple[int, Any]]:
 
 
 def _csv_rows(path: Path) -> Iterable[tuple[int, Any]]:
-    reader = csv.DictReader(_read_text(path).splitlines(keepends=True), strict=True)
+    lines = _read_text(path).splitlines(keepends=True)
+    reader = csv.DictReader(lines, strict=True)
     try:
         header = reader.fieldnames or []
     except csv.Error as exc:
@@ -145,18 +146,21 @@ def _csv_rows(path: Path) -> Iterable[tuple[int, Any]]:
         raise InvalidRequest(f"the CSV header has no 'prompt' column (found: {', '.join(header) or 'none'})",
                              line=1, field="prompt")
     while True:
+        start = reader.line_num + 1  # a quoted cell may span lines: a record is named by its first line
+        while start <= len(lines) and not lines[start - 1].rstrip("\r\n"):
+            start += 1  # the reader skips empty lines
         try:
             row = next(reader)
         except StopIteration:
             return
         except csv.Error as exc:
-            yield reader.line_num, InvalidRequest(f"malformed CSV ({exc})", line=reader.line_num)
+            yield start, InvalidRequest(f"malformed CSV ({exc})", line=start)
             continue
         if None in row:
-            yield reader.line_num, InvalidRequest("more cells than the header has columns", line=reader.line_num)
+            yield start, InvalidRequest("more cells than the header has columns", line=start)
             continue
         # Empty cells mean "not set": the batch default applies.
-        yield reader.line_num, {k: v for k, v in row.items() if v not in ("", None)}
+        yield start, {k: v for k, v in row.items() if v not in ("", None)}
 
 
 def _looks_like_dataset_name(name: str) -> bool:

@@ -10,9 +10,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tasks.errors import InvalidRequest
-from tasks.names import CALIBRATION_MODES, FAMILIES, SCHEDULER_NAMES
+from tasks.names import ANNOTATORS, CALIBRATION_MODES, FAMILIES, SCHEDULER_NAMES
 
 MAX_SEED = 2**63 - 1
+# An invisible watermark carries its text as bits in the image: short texts only (workers/watermark.py).
+MAX_WATERMARK_CHARS = 32
+MAX_CONTROLNET_SCALE = 5.0
+# What to do with a prompt longer than the model's text encoder takes (CLIP: 77 tokens, ends included).
+LONG_PROMPT_POLICIES = ("reject", "truncate")
+LongPrompts = Literal["reject", "truncate"]
 
 
 @dataclass(frozen=True)
@@ -50,12 +56,37 @@ class ItemRequest(BaseModel):
     height: int | None = Field(default=None, ge=8)
     scheduler: str | None = None
     images_per_prompt: int | None = Field(default=None, ge=1)
+    # ControlNet models: a local image file (relative to the prompts file's folder), its annotator, its weight.
+    control_image: str | None = None
+    annotator: str | None = None
+    controlnet_scale: float | None = Field(default=None, ge=0.0, le=MAX_CONTROLNET_SCALE)
+    # Image-to-image (SD 1.x): a local image file (relative to the prompts file's folder) and how much to change it.
+    init_image: str | None = None
+    strength: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
 
     @field_validator("prompt")
     @classmethod
     def _prompt_not_empty(cls, value: str) -> str:
         if not value:
             raise ValueError("the prompt is empty")
+        return value
+
+    @field_validator("seed", "steps", "guidance", "width", "height", "images_per_prompt", mode="before")
+    @classmethod
+    def _not_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # JSON true is not 1 step
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _unicode_text(cls, value: str | None) -> str | None:
+        # A JSONL "\ud800" escape decodes to a lone surrogate: not text, and not storable as UTF-8.
+        if value is not None and not value.isprintable():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"not valid Unicode text (a lone surrogate at character {exc.start + 1})") from None
         return value
 
     @field_validator("guidance")
@@ -69,6 +100,11 @@ class ItemRequest(BaseModel):
     @classmethod
     def _known_scheduler(cls, value: str | None) -> str | None:
         return None if value is None else check_scheduler(value)
+
+    @field_validator("annotator")
+    @classmethod
+    def _known_annotator(cls, value: str | None) -> str | None:
+        return None if value is None else check_annotator(value)
 
 
 class GenerateJob(BaseModel):
@@ -91,6 +127,17 @@ class GenerateJob(BaseModel):
     fingerprint: str
     family: Literal[FAMILIES] = "sd"  # type: ignore[valid-type]
     device: str = "CPU"
+    long_prompts: LongPrompts = "reject"
+    # ControlNet: the control image's URI in storage (controls/<sha256>.png), the annotator the worker runs on it
+    # first (None: the image is the control image itself), and the residuals' weight.
+    control_image: str | None = None
+    annotator: str | None = None
+    controlnet_scale: float = Field(default=1.0, ge=0.0, le=5.0)
+    # Image-to-image: the init image's URI in storage (inputs/<sha256>.png) and the strength in (0, 1].
+    init_image: str | None = None
+    strength: float = Field(default=0.8, gt=0.0, le=1.0, allow_inf_nan=False)
+    # An invisible watermark (the invisible-watermark package) embedded in the output; None: none asked for.
+    watermark: str | None = Field(default=None, min_length=1, max_length=MAX_WATERMARK_CHARS)
 
 
 class ConvertJob(BaseModel):
@@ -102,6 +149,8 @@ class ConvertJob(BaseModel):
     source: str = Field(min_length=1)
     weight_format: Literal["fp16", "fp32"] = "fp16"
     make_default: bool = True
+    # None: detected from the source's model_index.json; a given family must match it (workers/families.py).
+    family: Literal[FAMILIES] | None = None  # type: ignore[valid-type]
 
 
 class Gates(BaseModel):
@@ -113,6 +162,11 @@ class Gates(BaseModel):
                                ge=0.0, allow_inf_nan=False)
     min_psnr_db: float = Field(default_factory=lambda: float(os.environ.get("DARKROOM_GATE_MIN_PSNR", 25.0)),
                                ge=0.0, allow_inf_nan=False)
+    # Models that ship a prompt-adherence scorer (the demo model): INT8 may score at most this many points
+    # (percent of the fixed prompt/seed set) below FP32.
+    max_adherence_drop: float = Field(
+        default_factory=lambda: float(os.environ.get("DARKROOM_GATE_MAX_ADHERENCE_DROP", 2.0)), ge=0.0,
+        allow_inf_nan=False)
 
 
 class CalibrateJob(BaseModel):
@@ -146,6 +200,14 @@ class ItemResult(BaseModel):
     worker: str | None = None
     seconds: float | None = None
     attempts: int = 1
+    warnings: list[str] = Field(default_factory=list)
+
+
+def check_annotator(name: str) -> str:
+    normalized = name.strip().lower()
+    if normalized not in ANNOTATORS:
+        raise ValueError(f"unknown annotator {name!r}; choose one of {', '.join(ANNOTATORS)}")
+    return normalized
 
 
 def check_scheduler(name: str) -> str:

@@ -24,6 +24,7 @@ class WorkerProcess:
     log_path: Path
     device: str = "CPU"
     extra_env: dict[str, str] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -36,7 +37,7 @@ class WorkerProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "darkroom", "worker", "--device", self.device,
-             "--queues", ",".join(self.queues), "--loglevel", "INFO"],
+             "--queues", ",".join(self.queues), "--loglevel", "INFO", *self.extra_args],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
         )
         self._wait_ready(timeout)

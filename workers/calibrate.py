@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,11 +35,12 @@ MODEL_BIN = "openvino_model.bin"
 # What each mode does to each model folder: "quantize" (weights and activations, needs data) or "compress"
 # (weights only). Folders a mode does not name are copied unchanged.
 _PLANS: dict[str, dict[str, str]] = {
-    "int8": {"unet": "quantize"},
+    "int8": {"unet": "quantize", "controlnet": "quantize"},
     "weights-int8": {"text_encoder": "compress", "unet": "compress", "vae_decoder": "compress",
-                     "vae_encoder": "compress"},
-    "hybrid": {"text_encoder": "compress", "unet": "quantize", "vae_decoder": "compress", "vae_encoder": "compress"},
-}
+                     "vae_encoder": "compress", "controlnet": "compress"},
+    "hybrid": {"text_encoder": "compress", "unet": "quantize", "vae_decoder": "compress", "vae_encoder": "compress",
+               "controlnet": "quantize"},
+}  # a plan's folders that an artifact lacks (controlnet/ outside the ControlNet family) are skipped
 # SD 1.x's own scheduler: calibration inputs and validation images are rendered with it.
 SCHEDULER = "pndm"
 # Identical images have an infinite PSNR; a finite cap keeps reports valid JSON.
@@ -114,7 +115,7 @@ def calibrate_sd(fp_ir_dir: Path, out_dir: Path, prompts: Sequence[str], *, mode
     plan = {name: action for name, action in _PLANS[mode].items() if (fp_ir_dir / name / MODEL_XML).is_file()}
     core = core if core is not None else ov.Core()
     # 1. The UNet's real inputs, from the float pipeline rendering the prompts (only quantization needs them).
-    samples: tuple[Sample, ...] = ()
+    samples: dict[str, tuple[Sample, ...]] = {}  # per model folder: unet (and controlnet)
     if "quantize" in plan.values():
         if not prompts:
             raise ValueError(f"mode {mode!r} needs calibration prompts; none were given")
@@ -133,33 +134,49 @@ def calibrate_sd(fp_ir_dir: Path, out_dir: Path, prompts: Sequence[str], *, mode
             n for n in names if (Path(folder).name, n) in replaced and Path(folder).parent == fp_ir_dir])
         # One model at a time, each freed before the next: quantizing a full UNet peaks at 15-16.5 GB.
         for name, action in plan.items():
-            _optimize(core, fp_ir_dir / name / MODEL_XML, work / name / MODEL_XML, action, samples)
+            _optimize(core, fp_ir_dir / name / MODEL_XML, work / name / MODEL_XML, action, samples.get(name, ()))
             gc.collect()
         _publish(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     files = tuple(sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file()))
-    return CalibrationResult(out_dir=out_dir, mode=mode, samples=len(samples),
+    return CalibrationResult(out_dir=out_dir, mode=mode, samples=len(samples.get("unet", ())),
                              seconds=round(time.perf_counter() - started, 3), files=files)
 
 
 def _record_unet_inputs(fp_ir_dir: Path, prompts: Sequence[str], *, steps: int, width: int, height: int,
                         guidance_scale: float, seed: int, keep: int | None, core: ov.Core,
-                        device: str) -> tuple[Sample, ...]:
+                        device: str) -> dict[str, tuple[Sample, ...]]:
     """UNet inputs while the float pipeline renders each prompt (prompt i with seed + i): all of them, or
-    `keep` picked uniformly at random (seeded) over every call, in call order."""
-    from workers.sd import OVStableDiffusion
-
+    `keep` picked uniformly at random (seeded) over every call, in call order. A ControlNet model's ControlNet
+    inputs are recorded the same way, under "controlnet"."""
     # The device's default precision (bf16 here) is 2-4x faster than f32, and the inputs need only be
     # representative: NNCF re-runs them in f32 itself.
-    pipe = OVStableDiffusion.load(fp_ir_dir, device=device, width=width, height=height,
-                                  cfg=_uses_cfg(fp_ir_dir, guidance_scale), core=core)
-    recorder = _RecordingUNet(pipe.unet, keep, seed)
-    pipe.unet = recorder  # type: ignore[assignment]  # the pipeline needs only input_dtype and __call__
+    pipe = _load_pipeline(fp_ir_dir, device=device, width=width, height=height,
+                          cfg=_uses_cfg(fp_ir_dir, guidance_scale), core=core)
+    recorders = {"unet": _RecordingUNet(pipe.unet, keep, seed)}
+    pipe.unet = recorders["unet"]  # type: ignore[assignment]  # the pipeline needs only input_dtype and __call__
+    if hasattr(pipe, "controlnet"):
+        recorders["controlnet"] = _RecordingUNet(pipe.controlnet, keep, seed + 1)
+        pipe.controlnet = recorders["controlnet"]
     for i, prompt in enumerate(prompts):
         pipe.generate(prompt, steps=steps, guidance_scale=guidance_scale, scheduler=SCHEDULER, seed=seed + i)
-    return tuple(sample for _, sample in sorted(recorder.kept, key=lambda kept: kept[0]))
+    return {name: tuple(sample for _, sample in sorted(rec.kept, key=lambda kept: kept[0]))
+            for name, rec in recorders.items()}
+
+
+def _load_pipeline(ir_dir: Path, **kwargs: Any) -> Any:
+    """The float or INT8 pipeline of an IR folder, of its family. Calibration and measurement give a ControlNet
+    model a procedural control image (workers/controlnet.py), since their prompts come without one."""
+    from workers.controlnet import OVControlNetPipeline, is_controlnet_ir, procedural_control
+    from workers.sd import OVStableDiffusion
+
+    if not is_controlnet_ir(ir_dir):
+        return OVStableDiffusion.load(ir_dir, **kwargs)
+    pipe = OVControlNetPipeline.load(ir_dir, **kwargs)
+    pipe.fallback_control = procedural_control(kwargs["width"], kwargs["height"])
+    return pipe
 
 
 class _RecordingUNet:
@@ -243,9 +260,7 @@ def measure(fp_ir_dir: Path, int8_ir_dir: Path, *, width: int, height: int, step
     fp_bytes, int8_bytes = _ir_bytes(fp_ir_dir), _ir_bytes(int8_ir_dir)
     unet_fp, unet_int8 = _ir_bytes(fp_ir_dir / "unet"), _ir_bytes(int8_ir_dir / "unet")
     # 2. The float UNet in f32, the precision the float artifact promises (diffusers parity).
-    from workers.sd import OVStableDiffusion
-
-    pipe = OVStableDiffusion.load(fp_ir_dir, device=device, width=width, height=height, cfg=cfg, core=core,
+    pipe = _load_pipeline(fp_ir_dir, device=device, width=width, height=height, cfg=cfg, core=core,
                                   ov_config={"INFERENCE_PRECISION_HINT": "f32"})
     fp32_ms = _step_ms(pipe.unet, repeats)
     del pipe
@@ -253,7 +268,7 @@ def measure(fp_ir_dir: Path, int8_ir_dir: Path, *, width: int, height: int, step
     # 3. Both artifacts at the device's default precision (what a worker serves), one after the other.
     runs: dict[str, _PipelineRun] = {}
     for label, folder in (("default", fp_ir_dir), ("int8", int8_ir_dir)):
-        pipe = OVStableDiffusion.load(folder, device=device, width=width, height=height, cfg=cfg, core=core)
+        pipe = _load_pipeline(folder, device=device, width=width, height=height, cfg=cfg, core=core)
         runs[label] = _run_pipeline(pipe, pairs, steps=steps, guidance_scale=guidance_scale, repeats=repeats)
         del pipe
         gc.collect()
@@ -291,7 +306,8 @@ def _step_ms(unet: _Model, repeats: int) -> float:
     """Median milliseconds of one UNet call at its compiled (static) shape, after one warm-up call."""
     rng = np.random.default_rng(0)
     inputs = {}
-    for name in ("sample", "timestep", "encoder_hidden_states"):
+    # Every input (a ControlNet model's UNet also takes the residuals), by the name each port was given.
+    for name in sorted({port.get_any_name() for port in unet.compiled.inputs}):
         shape, dtype = list(unet.inputs[name].get_shape()), unet.input_dtype(name)
         inputs[name] = (np.full(shape, 500, dtype) if name == "timestep"
                         else rng.standard_normal(shape).astype(dtype))

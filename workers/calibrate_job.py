@@ -29,6 +29,10 @@ class InsufficientMemory(DarkroomError):
     """Not enough free memory to calibrate without being OOM-killed; not retried."""
 
 
+class CalibrationBusy(DarkroomError):
+    """Another calibration of this model holds its lock (a redelivery of a long job, or a second request)."""
+
+
 def run_calibrate(payload: object, runtime: WorkerRuntime) -> dict[str, Any]:
     """One calibration at a time per model, never twice at once, skipped when nothing has changed."""
     try:
@@ -40,8 +44,8 @@ def run_calibrate(payload: object, runtime: WorkerRuntime) -> dict[str, Any]:
         raise InvalidRequest(str(exc), field="name") from None
     lock = HeartbeatLock(runtime.progress.client, f"darkroom:calibrating:{name}")
     if not lock.acquire():
-        return _log_run(runtime, name, job, {"status": "skipped",
-                                             "reason": f"a calibration of {name!r} is already running"})
+        # Not a skip: if the running copy dies, this one must still happen (the task sends it again for later).
+        raise CalibrationBusy(f"a calibration of {name!r} is already running")
     try:
         with lock:
             outcome = _calibrate(job, name, runtime)
@@ -96,14 +100,20 @@ def _calibrate(job: CalibrateJob, name: str, runtime: WorkerRuntime) -> dict[str
                           validation=VALIDATION_SET, core=runtime.pool.core, device=runtime.device)
         # 5. The gates decide; the reason is recorded either way.
         passed, reason = _gate(figures.image_speedup, figures.min_psnr_db, job)
-        # 6. Files, then the report, then the manifest (last: it makes the artifact visible).
         prefix = keys.model_artifact_prefix(name, "int8", fingerprint)
+        adherence = _adherence_gate(fp_dir, result.out_dir, job, runtime, base.width, base.height)
+        if adherence is not None:
+            ok, why = adherence.pop("decision")
+            failures = [text for text, good in ((why, ok), (reason, passed)) if not good]
+            reason = "; ".join(failures) if failures else f"{reason}, {why}"
+            passed = passed and ok
+        # 6. Files, then the report, then the manifest (last: it makes the artifact visible).
         storage.upload_dir(result.out_dir, prefix)
         report = {
             "model": name, "fingerprint": fingerprint, "base": {"precision": base.precision,
                                                                 "fingerprint": base.fingerprint},
             "mode": job.mode, "measurements": _as_json(figures), "gates": job.gates.model_dump(),
-            "decision": {"passed": passed, "reason": reason},
+            "decision": {"passed": passed, "reason": reason}, "adherence": adherence,
             "settings": {"subset_size": job.subset_size, "steps": job.steps, "samples": result.samples,
                          "width": base.width, "height": base.height, "origin": job.origin},
             "dataset": {"source": prompts.source, "fingerprint": prompts.fingerprint, "prompts": len(prompts.prompts)},
@@ -137,6 +147,28 @@ def _gate(speedup: float, psnr: float, job: CalibrateJob) -> tuple[bool, str]:
         return False, "; ".join(problems)
     return True, (f"speed-up {speedup:.2f}x >= {gates.min_speedup:.2f}x, "
                   f"PSNR {psnr:.1f} dB >= {gates.min_psnr_db:.1f} dB")
+
+
+def _adherence_gate(fp_dir: Path, int8_dir: Path, job: CalibrateJob, runtime: WorkerRuntime, width: int,
+                    height: int) -> dict[str, Any] | None:
+    """FP32 vs INT8 prompt adherence, when the model ships a scorer: figures, contact sheets (written into
+    the INT8 folder, so they upload with it) and the decision."""
+    from workers.demo_model.adherence import compare, gate
+
+    runs = compare(fp_dir, int8_dir, width=width, height=height, core=runtime.pool.core, device=runtime.device)
+    if runs is None:
+        return None
+    fp, int8 = runs
+    sheets = {"fp32": "adherence/fp32.png", "int8": "adherence/int8.png"}
+    (int8_dir / "adherence").mkdir(exist_ok=True)
+    (int8_dir / sheets["fp32"]).write_bytes(fp.sheet_png)
+    (int8_dir / sheets["int8"]).write_bytes(int8.sheet_png)
+    decision = gate(fp.accuracy, int8.accuracy, job.gates.max_adherence_drop)
+    return {"fp32": fp.accuracy, "int8": int8.accuracy, "drop": round(fp.accuracy - int8.accuracy, 2),
+            "max_drop": job.gates.max_adherence_drop, "set": fp.summary["set"], "contact_sheets": sheets,
+            "per_prompt": {p: {"fp32": e["accuracy"], "int8": int8.summary["per_prompt"][p]["accuracy"]}
+                           for p, e in fp.summary["per_prompt"].items()},
+            "decision": decision}
 
 
 def _fingerprint(base: ModelRef, job: CalibrateJob, dataset_fingerprint: str) -> str:

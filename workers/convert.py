@@ -133,6 +133,8 @@ def convert_sd(source_dir: Path, out_dir: Path, *, weight_format: WeightFormat =
         shutil.copyfile(source_dir / "scheduler" / "scheduler_config.json",
                         work / "scheduler" / "scheduler_config.json")
         _save_tokenizer(source_dir / "tokenizer", work / "tokenizer")
+        if (source_dir / "scorer" / "config.json").is_file():  # a prompt-adherence scorer travels with the IR
+            shutil.copytree(source_dir / "scorer", work / "scorer")
         # 4. One model at a time, each freed before the next is loaded (a full fp32 UNet is 3.4 GB). The
         #    explicit collection is needed: OpenVINO's TorchScript decoder leaves reference cycles that
         #    keep the traced torch model alive.

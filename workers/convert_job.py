@@ -27,7 +27,8 @@ SCHEDULER_BY_CLASS = {
 
 def run_convert(payload: object, runtime: WorkerRuntime) -> dict[str, Any]:
     """Convert once per fingerprint: a re-run of the same source finds the manifest and stops there."""
-    from workers.convert import SourceNotFound, convert_sd, fingerprint_source, resolve_source
+    from workers.convert import SourceNotFound, resolve_source
+    from workers.families import UnknownFamily, check_family, get_family, load_attr
 
     started = time.perf_counter()
     # 1. Parse and resolve the source on this worker (local folder or Hugging Face cache).
@@ -42,7 +43,12 @@ def run_convert(payload: object, runtime: WorkerRuntime) -> dict[str, Any]:
         source_dir = resolve_source(job.source)
     except SourceNotFound as exc:
         raise InvalidRequest(str(exc), field="source") from None
-    fingerprint = fingerprint_source(source_dir, weight_format=job.weight_format)
+    try:
+        # The family detected from model_index.json; a requested family (--family) must be that one.
+        family = get_family(check_family(source_dir, job.family))
+    except UnknownFamily as exc:
+        raise InvalidRequest(str(exc), field="family" if job.family else "source") from None
+    fingerprint = load_attr(family.fingerprint)(source_dir, weight_format=job.weight_format)
     precision = job.weight_format
     manifest_key = keys.model_artifact_manifest_key(name, precision, fingerprint)
     storage = runtime.storage
@@ -54,7 +60,7 @@ def run_convert(payload: object, runtime: WorkerRuntime) -> dict[str, Any]:
         else:
             # 3. Convert into a temporary folder, upload every file, then the manifest.
             with tempfile.TemporaryDirectory(prefix="darkroom-convert-") as tmp:
-                result = convert_sd(source_dir, Path(tmp) / "ir", weight_format=job.weight_format)
+                result = load_attr(family.convert)(source_dir, Path(tmp) / "ir", weight_format=job.weight_format)
                 prefix = keys.model_artifact_prefix(name, precision, fingerprint)
                 storage.upload_dir(result.out_dir, prefix)
                 manifest = _manifest(job, name, precision, fingerprint, result.out_dir, result.family)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,45 @@ def check_device(device: str, available: list[str]) -> str:
     raise UnknownDevice(f"device {device!r} is not available here; OpenVINO sees: {', '.join(available) or 'none'}")
 
 
+class InvalidCores(ValueError):
+    """A --cores list that is malformed or names cores this process may not run on."""
+
+
+def parse_cores(text: str, allowed: set[int] | None = None) -> tuple[int, ...]:
+    """`0-3,8,10-11` (the taskset/cpuset syntax) as sorted core ids, each one this process may run on."""
+    allowed = os.sched_getaffinity(0) if allowed is None else allowed
+    cores: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            lo, hi = int(first), int(last if dash else first)
+        except ValueError:
+            raise InvalidCores(f"--cores: {part.strip()!r} is not a core number or range (e.g. 0-3,8)") from None
+        if lo < 0 or hi < lo:
+            raise InvalidCores(f"--cores: {part.strip()!r} is not a valid range (e.g. 0-3)")
+        cores.update(range(lo, hi + 1))
+    outside = sorted(cores - allowed)
+    if outside:
+        raise InvalidCores(f"--cores: core(s) {', '.join(map(str, outside))} not available here; "
+                           f"this machine allows {_ranges(sorted(allowed))}")
+    return tuple(sorted(cores))
+
+
+def pin_to_cores(cores: tuple[int, ...]) -> None:
+    """Pin this process, and so every process it forks, to `cores` (OpenVINO sizes its threads to them)."""
+    os.sched_setaffinity(0, cores)
+
+
+def _ranges(cores: list[int]) -> str:
+    spans: list[str] = []
+    for core in cores:
+        if spans and core == int(spans[-1].split("-")[-1]) + 1:
+            spans[-1] = f"{spans[-1].split('-')[0]}-{core}"
+        else:
+            spans.append(str(core))
+    return ",".join(spans)
+
+
 def available_devices(core: Any | None = None) -> list[str]:
     import openvino as ov
 
@@ -34,6 +74,11 @@ def compile_config(device: str, *, cache_dir: Path, inference_precision: str = "
     The compiled-blob cache makes a restarted worker warm in seconds; LATENCY suits one image at a time.
     """
     config = {"CACHE_DIR": str(cache_dir), "PERFORMANCE_HINT": "LATENCY"}
+    # A worker pinned to some cores (--cores, taskset, a cpuset) uses exactly those: OpenVINO's CPU plugin
+    # otherwise sizes its thread pool to the whole machine and the workers sharing it oversubscribe.
+    pinned = len(os.sched_getaffinity(0))
+    if device == "CPU" and pinned < (os.cpu_count() or pinned):
+        config["INFERENCE_NUM_THREADS"] = str(pinned)
     if inference_precision:
         config["INFERENCE_PRECISION_HINT"] = inference_precision
     return config

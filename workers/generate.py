@@ -13,8 +13,11 @@ import darkroom
 from storage import StorageError, StorageUnavailable, keys
 from tasks.errors import InvalidRequest, TransientError
 from tasks.schemas import GenerateJob, ItemResult, invalid_from_validation
-from workers import metrics
+from workers import faults, metrics
+from workers.control_step import control_inputs
+from workers.img2img_step import img2img_inputs, img2img_metadata
 from workers.png import encode_png
+from workers.prompt_length import prompt_warnings
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -48,25 +51,39 @@ def run_generate(payload: object, runtime: WorkerRuntime, *, attempt: int = 1) -
             return _record(runtime, result)
         # 3. The warm pipeline for this artifact and shape.
         pipeline = runtime.pool.get(job.model, job.precision, job.fingerprint, width=job.width,
-                                    height=job.height, cfg=job.guidance > 1.0)
+                                    height=job.height, cfg=job.guidance > 1.0, img2img=job.init_image is not None)
+        warnings = prompt_warnings(pipeline, job)  # tokens past the model's limit: reported, never silent
         # 4. Render.
-        out = pipeline.generate(job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
-                                guidance_scale=job.guidance, scheduler=job.scheduler, seed=job.seed)
+        control = control_inputs(job, runtime, pipeline)  # ControlNet: the (annotated, cached) control image
+        out = faults.wrap(pipeline, job).generate(job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
+                                guidance_scale=job.guidance, scheduler=job.scheduler, seed=job.seed, **control,
+                                **img2img_inputs(job, storage))
+        image, marked = _watermark(out.image, job)  # optional invisible watermark, recorded in the metadata
         # 5. Image first, then its record: a record always points at a whole image.
-        png = encode_png(out.image, png_metadata(job, runtime.device))
+        png = encode_png(image, {**png_metadata(job, runtime.device), **img2img_metadata(job), **marked})
         uri = storage.put_bytes(image_key, png, content_type="image/png")
         result = ItemResult(batch_id=job.batch_id, index=job.index, status="done", prompt=job.prompt,
                             seed=job.seed, uri=uri, worker=f"{runtime.hostname}:{os.getpid()}",
-                            seconds=round(time.perf_counter() - started, 4), attempts=attempt)
+                            seconds=round(time.perf_counter() - started, 4), attempts=attempt, warnings=warnings)
         storage.put_json(record_key, result.model_dump())
+        metrics.observe_image(runtime.device, job.model, out.timings, job.steps)
+        # Inside the try: a manifest write that meets a storage outage is retried like the image was.
+        return _record(runtime, result)
     except StorageUnavailable as exc:
         raise TransientError(f"storage unavailable: {exc}") from exc
     except FileNotFoundError as exc:
         raise InvalidRequest(str(exc), field="model") from None
     except StorageError as exc:
         raise TransientError(f"storage error: {exc}") from exc
-    metrics.observe_image(runtime.device, job.model, out.timings, job.steps)
-    return _record(runtime, result)
+
+
+def _watermark(image: object, job: GenerateJob) -> tuple[object, dict[str, object]]:
+    from workers import watermark
+
+    try:
+        return watermark.apply(image, job.watermark)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), field="watermark") from None
 
 
 def record_failure(payload: object, runtime: WorkerRuntime, error: str, *, attempt: int) -> GenerateOutcome:
@@ -80,14 +97,29 @@ def record_failure(payload: object, runtime: WorkerRuntime, error: str, *, attem
     return _record(runtime, result)
 
 
+def dead_letter(payload: object, runtime: WorkerRuntime, error: str, *, attempts: int) -> GenerateOutcome:
+    """An item whose worker process died on every attempt: a dead-letter record, and the item marked failed."""
+    from workers.delivery import record_dead_letter
+
+    message = f"dead letter after {attempts} attempts: {error}"
+    log.error("item %s: %s", _identity(payload)[:2], message)
+    if isinstance(payload, dict):
+        record_dead_letter(runtime.progress.client, payload, error, attempts, runtime.settings.progress_ttl)
+    return record_failure(payload, runtime, message, attempt=attempts)
+
+
 def png_metadata(job: GenerateJob, device: str) -> dict[str, object]:
     # What reproduces the image, and nothing else (no batch id, no time): the same request gives the same bytes.
-    return {
+    meta: dict[str, object] = {
         "prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed, "steps": job.steps,
         "guidance": job.guidance, "scheduler": job.scheduler, "width": job.width, "height": job.height,
         "model": job.model, "model_fingerprint": job.fingerprint, "precision": job.precision,
         "device": device, "darkroom_version": darkroom.__version__,
     }
+    if job.control_image is not None:  # ControlNet: which control image, annotated how, weighted how
+        meta.update(control_image=job.control_image.rsplit("/", 1)[-1], annotator=job.annotator or "none",
+                    controlnet_scale=job.controlnet_scale)
+    return meta
 
 
 def _record(runtime: WorkerRuntime, result: ItemResult) -> GenerateOutcome:
@@ -109,7 +141,10 @@ def write_manifest(runtime: WorkerRuntime, batch_id: str) -> str:
         "failed": sum(i.status == "failed" for i in items),
         "items": [i.model_dump() for i in items],
     }
-    return runtime.storage.put_json(keys.batch_manifest_key(batch_id), manifest)
+    uri = runtime.storage.put_json(keys.batch_manifest_key(batch_id), manifest)
+    # Producers waiting on the batch return once the manifest is in storage, not merely once Redis says done.
+    runtime.progress.mark_manifest(batch_id, len(items))
+    return uri
 
 
 def _identity(payload: object) -> tuple[str | None, int | None, str, int | None]:

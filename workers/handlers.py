@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
+from billiard.exceptions import WorkerLostError
 from celery import Celery, Task
-from celery.signals import worker_process_init
+from celery.exceptions import Ignore
+from celery.signals import task_failure, worker_process_init
 
 from broker.settings import Settings
 from tasks.errors import InvalidRequest, TransientError
@@ -37,12 +39,16 @@ def register_tasks(app: Celery, settings: Settings, device: str, *, preload: lis
             holder["runtime"] = WorkerRuntime(settings, device)
         return holder["runtime"]
 
-    @app.task(name=GENERATE_TASK, bind=True, max_retries=settings.max_retries)
+    # A pool process that dies mid-job (SIGKILL, OOM, a poison input) is an attempt too: retried after 1 s,
+    # and after max_retries + 1 attempts dead-lettered (below) instead of looping.
+    @app.task(name=GENERATE_TASK, bind=True, max_retries=settings.max_retries, retry_on_worker_lost=True,
+              default_retry_delay=1)
     def generate(self: Task, job: dict[str, Any]) -> dict[str, Any]:
         from workers.generate import record_failure, run_generate
 
         attempt = self.request.retries + 1
         rt = runtime()
+        lock = _lock_or_defer(self, rt, job, settings)
         try:
             outcome = run_generate(job, rt, attempt=attempt)
         except InvalidRequest as exc:
@@ -60,6 +66,9 @@ def register_tasks(app: Celery, settings: Settings, device: str, *, preload: lis
             log.exception("item %s failed", self.request.id)
             metrics.observe_failure("generate", "error")
             outcome = record_failure(job, rt, f"{type(exc).__name__}: {exc}", attempt=attempt)
+        finally:
+            if lock is not None:
+                lock.release()
         metrics.sync_pool(rt)
         return outcome.result.model_dump(include=_SUMMARY_FIELDS)
 
@@ -71,9 +80,24 @@ def register_tasks(app: Celery, settings: Settings, device: str, *, preload: lis
 
     @app.task(name=CALIBRATE_TASK, bind=True, max_retries=settings.max_retries)
     def calibrate(self: Task, job: dict[str, Any]) -> dict[str, Any]:
-        from workers.calibrate_job import run_calibrate
+        from workers.calibrate_job import CalibrationBusy, run_calibrate
 
-        return _model_job(self, settings, lambda: run_calibrate(job, runtime()))
+        try:
+            return _model_job(self, settings, lambda: run_calibrate(job, runtime()), passthrough=CalibrationBusy)
+        except CalibrationBusy as exc:
+            _defer(self, settings, "calibrate", str(exc))
+
+    @task_failure.connect(sender=generate, weak=False)
+    def _dead_letter(sender: Task, exception: BaseException | None = None, kwargs: dict[str, Any] | None = None,
+                     **_: Any) -> None:
+        # Celery sends this in the worker's main process once a job's pool process died on every attempt.
+        if isinstance(exception, WorkerLostError):
+            from workers.generate import dead_letter
+            from workers.runtime import WorkerRuntime
+
+            rt = holder.setdefault("parent", WorkerRuntime(settings, device))  # never handed to the pool
+            dead_letter((kwargs or {}).get("job"), rt, f"{type(exception).__name__}: {exception}",
+                        attempts=sender.request.retries + 1)
 
     if preload:
         @worker_process_init.connect(weak=False)
@@ -88,7 +112,36 @@ def register_tasks(app: Celery, settings: Settings, device: str, *, preload: lis
             metrics.sync_pool(rt)
 
 
-def _model_job(task: Task, settings: Settings, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def _lock_or_defer(task: Task, rt: Any, job: Any, settings: Settings) -> Any:
+    """The item's lock, or None for a message without an item identity; if another copy of the item is running
+    (a redelivery after the visibility timeout), send this one again for later and end it (Ignore)."""
+    from workers.delivery import ItemLock
+
+    if not isinstance(job, dict) or not isinstance(job.get("batch_id"), str) or not isinstance(job.get("index"), int):
+        return None
+    lock = ItemLock(rt.progress.client, job["batch_id"], job["index"])
+    if lock.acquire():
+        return lock
+    _defer(task, settings, "generate", f"item is running elsewhere ({lock.holder()})")
+
+
+def _defer(task: Task, settings: Settings, kind: str, why: str) -> NoReturn:
+    """Send this message again for later, under the same task id, and end this delivery (Ignore).
+
+    For a second delivery while the first copy runs: acknowledging it as done would lose the job if the first
+    copy then died. The attempt count stays: waiting for another copy is not a failed attempt.
+    """
+    from workers.delivery import defer_seconds
+
+    countdown = defer_seconds(settings.visibility_timeout)
+    log.info("%s %s: %s; looking again in %.0f s", kind, task.request.id, why, countdown)
+    metrics.observe_retry(kind)
+    task.signature_from_request(task.request, countdown=countdown, retries=task.request.retries).apply_async()
+    raise Ignore()
+
+
+def _model_job(task: Task, settings: Settings, run: Callable[[], dict[str, Any]],
+               passthrough: type[Exception] | None = None) -> dict[str, Any]:
     """Conversion and calibration: a small JSON result either way; only transient trouble is retried."""
     kind = task.name.rsplit(".", 1)[-1]
     try:
@@ -106,6 +159,8 @@ def _model_job(task: Task, settings: Settings, run: Callable[[], dict[str, Any]]
         metrics.observe_retry(kind)
         raise task.retry(exc=exc, countdown=backoff(task.request.retries)) from None
     except Exception as exc:
+        if passthrough is not None and isinstance(exc, passthrough):
+            raise
         log.exception("%s failed", task.name)
         metrics.observe_failure(kind, "error")
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from storage import Storage, keys
+from workers.blob_cache import SharedBlobCache
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ class PoolKey:
     width: int
     height: int
     cfg: bool
+    img2img: bool = False
 
 
 @dataclass
@@ -33,14 +35,17 @@ class PoolStats:
     compiles: int = 0
     fetches: int = 0
     evictions: int = 0
+    blobs_pulled: int = 0
+    blobs_pushed: int = 0
 
 
 class ModelPool:
     """Loads each artifact from storage once, compiles each shape once, and keeps the newest `capacity`."""
 
     def __init__(self, storage: Storage, *, cache_dir: Path, device: str, ov_config: dict[str, str],
-                 capacity: int = 4, core: Any | None = None) -> None:
+                 capacity: int = 4, core: Any | None = None, blob_cache: SharedBlobCache | None = None) -> None:
         self.storage = storage
+        self.blob_cache = blob_cache
         self.cache_dir = cache_dir
         self.device = device
         self.ov_config = ov_config
@@ -58,11 +63,12 @@ class ModelPool:
             self._core = ov.Core()
         return self._core
 
-    def get(self, model: str, precision: str, fingerprint: str, *, width: int, height: int, cfg: bool) -> Any:
+    def get(self, model: str, precision: str, fingerprint: str, *, width: int, height: int, cfg: bool,
+            img2img: bool = False) -> Any:
         """A compiled pipeline for this artifact and shape: from the pool, or fetched and compiled now."""
-        from workers.sd import OVStableDiffusion
+        from workers.families import pipeline_for_artifact
 
-        key = PoolKey(model, precision, fingerprint, self.device, width, height, cfg)
+        key = PoolKey(model, precision, fingerprint, self.device, width, height, cfg, img2img)
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
@@ -70,10 +76,18 @@ class ModelPool:
                 return self._entries[key]
             # 1. The IR on local disk (fetched from storage once per artifact).
             local = self.fetch(model, precision, fingerprint)
-            # 2. Reshape to the static shape and compile (the blob cache makes a re-compile cheap).
-            pipeline = OVStableDiffusion.load(local, device=self.device, width=width, height=height, cfg=cfg,
-                                              core=self.core, ov_config=self.ov_config)
+            # 2. Reshape to the static shape and compile: from the artifact's compiled blobs when this machine
+            #    or another worker with the same device kind compiled it before (the shared blob cache).
+            config = dict(self.ov_config)
+            if self.blob_cache is not None:
+                config["CACHE_DIR"] = str(self.blob_cache.local_dir(model, precision, fingerprint))
+                self.stats.blobs_pulled += self.blob_cache.pull(model, precision, fingerprint).files
+            pipeline_cls = pipeline_for_artifact(local, img2img=img2img)
+            pipeline = pipeline_cls.load(local, device=self.device, width=width, height=height, cfg=cfg,
+                                         core=self.core, ov_config=config)
             self.stats.compiles += 1
+            if self.blob_cache is not None:
+                self.stats.blobs_pushed += self.blob_cache.push(model, precision, fingerprint).files
             # 3. Keep it, dropping the least recently used beyond capacity.
             self._entries[key] = pipeline
             while len(self._entries) > self.capacity:

@@ -12,6 +12,7 @@ from functools import cached_property
 from broker.progress import BatchProgress
 from broker.settings import Settings
 from storage import Storage, open_storage
+from workers.blob_cache import SharedBlobCache, device_signature
 from workers.device import compile_config
 from workers.pool import ModelPool
 
@@ -27,13 +28,21 @@ class WorkerRuntime:
 
     @cached_property
     def progress(self) -> BatchProgress:
-        return BatchProgress(self.settings.broker_url, ttl=self.settings.progress_ttl)
+        # A worker waits out a Redis restart (about 60 s) rather than failing an item it has rendered.
+        return BatchProgress(self.settings.broker_url, ttl=self.settings.progress_ttl, ride_out=60)
 
     @cached_property
     def pool(self) -> ModelPool:
+        import openvino as ov
+
+        core = ov.Core()
         config = compile_config(self.device, cache_dir=self.settings.cache_dir / "ov-cache",
                                 inference_precision=self.settings.inference_precision)
-        return ModelPool(self.storage, cache_dir=self.settings.cache_dir, device=self.device, ov_config=config)
+        blobs = SharedBlobCache(self.storage, self.settings.cache_dir / "ov-cache", device=self.device,
+                                signature=device_signature(core, self.device),
+                                share=self.settings.share_compiled_cache)
+        return ModelPool(self.storage, cache_dir=self.settings.cache_dir, device=self.device, ov_config=config,
+                         core=core, blob_cache=blobs)
 
     @cached_property
     def hostname(self) -> str:

@@ -180,7 +180,7 @@ class OVStableDiffusion:
         return torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32))
 
     def _denoise(self, sched: Any, latents: torch.Tensor, context: np.ndarray, guidance_scale: float,
-                 generator: torch.Generator, cfg: bool) -> torch.Tensor:
+                 generator: torch.Generator, cfg: bool, timesteps: Any = None) -> torch.Tensor:
         import torch
 
         # diffusers' prepare_extra_step_kwargs: eta (0.0) for DDIM, the generator for stochastic samplers.
@@ -191,7 +191,8 @@ class OVStableDiffusion:
         if "generator" in accepted:
             extra["generator"] = generator
         timestep_dtype = self.unet.input_dtype("timestep")
-        for t in sched.timesteps:
+        # Image-to-image starts part-way: `timesteps` is then the tail of the schedule (workers/img2img.py).
+        for t in sched.timesteps if timesteps is None else timesteps:
             model_input = torch.cat([latents] * 2) if cfg else latents
             model_input = sched.scale_model_input(model_input, t)
             # float32 keeps fractional timesteps exact; integer timesteps (< 2**24) convert exactly too.

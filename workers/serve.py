@@ -12,7 +12,7 @@ from broker.progress import BatchProgress
 from broker.settings import Settings
 from tasks.names import generate_queue
 from workers import metrics
-from workers.device import UnknownDevice, check_device
+from workers.device import InvalidCores, UnknownDevice, check_device, parse_cores, pin_to_cores
 from workers.handlers import register_tasks
 
 
@@ -25,10 +25,14 @@ def probe_devices() -> list[str]:
 
 def run_worker(settings: Settings, *, device: str, queues: list[str] | None = None,
                preload: list[str] | None = None, concurrency: int = 1, loglevel: str = "INFO",
-               metrics_port: int | None = None, metrics_address: str | None = None) -> None:
+               metrics_port: int | None = None, metrics_address: str | None = None, cores: str | None = None) -> None:
     """Blocks until the worker shuts down (SIGTERM/SIGINT: warm shutdown, the running job finishes)."""
-    # 1. The device must exist here, or nothing this worker takes could run.
+    # 1. The device must exist here, or nothing this worker takes could run; the cores too, if named. Pinning
+    #    happens before the pool forks, so every pool process inherits it.
+    pinned = parse_cores(cores) if cores else None
     device = check_device(device, probe_devices())
+    if pinned:
+        pin_to_cores(pinned)
     # 2. The broker must answer now, with a clear message if not (Celery would retry silently).
     BatchProgress(settings.broker_url).ping()
     # 3. The app, its tasks, and the queues: this device's generation queue unless told otherwise.
@@ -45,4 +49,4 @@ def run_worker(settings: Settings, *, device: str, queues: list[str] | None = No
     app.worker_main(argv)
 
 
-__all__ = ["UnknownDevice", "probe_devices", "run_worker"]
+__all__ = ["InvalidCores", "UnknownDevice", "probe_devices", "run_worker"]

@@ -1,0 +1,118 @@
+"""Image-to-image init images on the producer's side: checked, normalised, uploaded once, referenced by URI.
+
+Rules (README "Model families"):
+- `--init-image PATH` (or an `init_image` column, relative to the prompts file's folder) makes an item
+  image-to-image; `--strength` (or a `strength` column) in (0, 1] says how much of it to redraw (default 0.8),
+  and int(steps * strength) must be at least 1 step.
+- Only SD 1.x models (family "sd") take an init image.
+- The init image is the output size: an item that sets no width/height takes its size; one that sets a
+  different size is refused (no silent resizing). Sides must be multiples of 8. Any 8-bit mode is converted
+  to RGB; 16-bit and float images are refused.
+- Storage: the RGB image as PNG under inputs/<sha256 of the file>.png, uploaded once per distinct file.
+Nothing here imports torch, diffusers or openvino.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from storage import Storage, keys
+from tasks.errors import InvalidRequest
+from tasks.prompts import PromptLine
+
+IMG2IMG_FAMILIES = ("sd",)
+DEFAULT_STRENGTH = 0.8
+_REFUSED_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I": "32-bit integer", "F": "float"}
+
+
+@dataclass(frozen=True)
+class InitImage:
+    digest: str
+    png: bytes
+    width: int
+    height: int
+
+
+def read_init_image(path: Path, *, line: int | None = None) -> InitImage:
+    """A local init image, checked and normalised to RGB PNG; InvalidRequest naming the field otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read {path}: {exc.strerror or exc}", field="init_image", line=line) from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            mode = image.mode
+            rgb = image.convert("RGB") if mode not in _REFUSED_MODES else None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InvalidRequest(f"{path} is not a readable image ({exc})".splitlines()[0], field="init_image",
+                             line=line) from None
+    if rgb is None:
+        raise InvalidRequest(f"{path} is a {_REFUSED_MODES[mode]} image ({mode}); save it as 8-bit RGB",
+                             field="init_image", line=line)
+    out = io.BytesIO()
+    rgb.save(out, format="PNG")
+    return InitImage(hashlib.sha256(data).hexdigest(), out.getvalue(), rgb.size[0], rgb.size[1])
+
+
+def resolve_init_images(lines: Sequence[PromptLine], *, family: str, model: str, storage: Storage,
+                        init_image: str | Path | None, strength: float | None, steps: int,
+                        width: int | None, height: int | None,
+                        base_dir: Path | None) -> dict[int, dict[str, Any]]:
+    """Per prompt line that is image-to-image, its job fields (init_image URI, strength, width, height).
+
+    Every problem names the field and the line; nothing is uploaded unless every line is valid.
+    """
+    if strength is not None and not 0.0 < strength <= 1.0:
+        raise InvalidRequest(f"{strength} is outside (0, 1]", field="strength")
+    read: dict[Path, InitImage] = {}
+    fields: dict[int, dict[str, Any]] = {}
+    for pl in lines:
+        item = pl.item
+        path_text = item.init_image or (str(init_image) if init_image is not None else None)
+        if path_text is None:
+            if item.strength is not None:
+                raise InvalidRequest("a strength without an init image (give --init-image or an init_image "
+                                     "column)", field="strength", line=pl.line)
+            continue
+        if family not in IMG2IMG_FAMILIES:
+            raise InvalidRequest(f"model {model!r} is a {family!r} model; image-to-image needs an SD 1.x model "
+                                 f"(family {', '.join(IMG2IMG_FAMILIES)})", field="init_image", line=pl.line)
+        path = Path(path_text).expanduser()
+        if not path.is_absolute() and item.init_image is not None and base_dir is not None:
+            path = base_dir / path
+        if path not in read:
+            read[path] = read_init_image(path, line=pl.line)
+        image = read[path]
+        if image.width % 8 or image.height % 8:
+            raise InvalidRequest(f"{path} is {image.width}x{image.height}; both sides must be multiples of 8",
+                                 field="init_image", line=pl.line)
+        want_w, want_h = item.width or width, item.height or height
+        if (want_w is not None and want_w != image.width) or (want_h is not None and want_h != image.height):
+            raise InvalidRequest(f"{path} is {image.width}x{image.height} but the item asks for "
+                                 f"{want_w or image.width}x{want_h or image.height}; give an init image of the "
+                                 "output size (it is not resized)", field="init_image", line=pl.line)
+        chosen = item.strength if item.strength is not None else (
+            DEFAULT_STRENGTH if strength is None else strength)
+        item_steps = item.steps or steps
+        if min(int(item_steps * chosen), item_steps) < 1:
+            raise InvalidRequest(f"strength {chosen} with {item_steps} steps leaves no denoising step "
+                                 "(int(steps * strength) must be at least 1)", field="strength", line=pl.line)
+        fields[pl.line] = {"digest": image.digest, "strength": chosen, "width": image.width,
+                           "height": image.height}
+    # Upload once per distinct file (content-addressed: an existing key already holds these bytes).
+    uris: dict[str, str] = {}
+    for image in read.values():
+        key = keys.init_image_key(image.digest)
+        uris[image.digest] = storage.uri(key) if storage.exists(key) else storage.put_bytes(
+            key, image.png, content_type="image/png")
+    for entry in fields.values():
+        entry["init_image"] = uris[entry.pop("digest")]
+    return fields

@@ -1,0 +1,145 @@
+"""The built-in demo model: a short training run that works end to end, the shipped model's score through the
+real queue and worker on OpenVINO, and the adherence gate of the calibration lifecycle both ways."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from broker.settings import Settings
+from storage import keys, open_storage
+from tasks.calibration import calibrate_job, submit_calibrate
+from tasks.models import default_of
+from tasks.producer import submit, submit_convert
+from tests.conftest import queue_settings_for, redis_db_url
+from tests.fleet import WorkerProcess, run_cli
+from workers.demo_model import shapes, shipped_model_dir
+from workers.demo_model.train import TrainConfig, train_demo_model
+
+SHIPPED = "demo-shapes"
+TINY_TRAINING = {"seed": 1, "vae_steps": 3, "unet_steps": 4, "scorer_steps": 10, "pool_size": 48}
+
+
+@pytest.fixture(scope="module")
+def settings(redis_server: object, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return queue_settings_for(tmp_path_factory.mktemp("demo-model"), redis_db_url(redis_server, 15))
+
+
+@pytest.fixture(scope="module")
+def worker(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    w = WorkerProcess(settings, ["generate.CPU", "convert", "calibrate"], tmp_path_factory.mktemp("logs") / "w.log")
+    try:
+        yield w.start()
+    finally:
+        w.stop()
+
+
+@pytest.fixture(scope="module")
+def shipped(worker: WorkerProcess, settings: Settings) -> str:
+    outcome = submit_convert(str(shipped_model_dir()), name=SHIPPED, weight_format="fp32",
+                             settings=settings).get(timeout=900)
+    assert outcome["status"] == "done", outcome
+    return SHIPPED
+
+
+def _weights(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.safetensors"))}
+
+
+def test_a_short_training_run_resumes_exactly_and_renders_through_the_queue(
+        tmp_path: Path, worker: WorkerProcess, settings: Settings) -> None:
+    # 1. Stopped after 2 UNet steps (checkpoints kept), then resumed to 4: the same weights as 4 in one go.
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    train_demo_model(resumed, TrainConfig(**{**TINY_TRAINING, "unet_steps": 2}, keep_checkpoints=True))
+    assert (resumed / "checkpoints" / "unet.pt").is_file()
+    record = train_demo_model(resumed, TrainConfig(**TINY_TRAINING))
+    train_demo_model(straight, TrainConfig(**TINY_TRAINING))
+    assert record["unet"]["steps"] == 4 and record["vae"]["steps"] == 3
+    assert not (resumed / "checkpoints").exists()
+    assert _weights(resumed) == _weights(straight)
+    assert 0.9e6 < record["parameters"]["vae"] < 1.5e6 and 5.5e6 < record["parameters"]["unet"] < 6.2e6
+    # 2. A standard diffusers folder, fp16, with the real CLIP tokenizer and the scorer beside it.
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    pipe = StableDiffusionPipeline.from_pretrained(resumed)
+    with safe_open(resumed / "unet" / "diffusion_pytorch_model.safetensors", "pt") as stored:
+        assert stored.get_tensor(next(iter(stored.keys()))).dtype.__str__() == "torch.float16"
+    assert pipe.tokenizer("a red circle").input_ids == [49406, 320, 736, 7117, 49407]
+    assert (resumed / "scorer" / "model.safetensors").is_file()
+    # 3. Converted and rendered by a real worker.
+    outcome = submit_convert(str(resumed), name="short-run", settings=settings).get(timeout=900)
+    assert outcome["status"] == "done", outcome
+    handle = submit(["a red circle", "a blue square"], model="short-run", steps=3, width=64, height=64,
+                    settings=settings)
+    summary = handle.wait(timeout=300)
+    assert summary.done == 2, summary
+
+
+def test_the_shipped_model_draws_the_grid_through_the_queue(shipped: str, settings: Settings) -> None:
+    from workers.demo_model.batch_score import default_scorer_dir, score_batch
+
+    handle = submit(shapes.grid_prompts(), model=shipped, images_per_prompt=4, steps=20, guidance=6.0,
+                    width=64, height=64, seed=2026, settings=settings)
+    summary = handle.wait(timeout=900)
+    assert summary.done == 48, summary
+    result = score_batch(open_storage(settings.storage_url), handle.batch_id, default_scorer_dir(),
+                         settings=settings)
+    wrong = [(i["prompt"], i["seen"]) for i in result["items"] if not i["correct"]]
+    print(f"shipped model on the 48-image grid: {result['accuracy']}%; wrong: {wrong}")
+    assert result["scored"] == 48 and result["accuracy"] >= 95.0, wrong
+
+
+def test_an_int8_artifact_that_keeps_adherence_is_promoted(shipped: str, settings: Settings) -> None:
+    job = calibrate_job(shipped, mode="weights-int8", subset_size=2, steps=3, min_speedup=0.0, min_psnr_db=0.0,
+                        promote=True)
+    outcome = submit_calibrate(job, settings=settings).get(timeout=900)
+    assert outcome["status"] == "done" and outcome["passed"] and outcome["promoted"], outcome
+    storage = open_storage(settings.storage_url)
+    report = storage.get_json(keys.model_report_key(shipped, "int8", outcome["fingerprint"]))
+    adherence = report["adherence"]
+    print(f"weights-int8 adherence: FP32 {adherence['fp32']}%, INT8 {adherence['int8']}%")
+    assert adherence["fp32"] >= 95.0 and adherence["drop"] <= 2.0, adherence
+    assert "adherence INT8" in report["decision"]["reason"]
+    prefix = keys.model_artifact_prefix(shipped, "int8", outcome["fingerprint"])
+    for sheet in adherence["contact_sheets"].values():
+        assert storage.get_bytes(prefix + sheet)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert default_of(storage, shipped)["precision"] == "int8"
+    shown = run_cli("models", shipped, settings=settings)
+    assert f"prompt adherence: FP32 {adherence['fp32']:.1f}%, INT8 {adherence['int8']:.1f}%" in shown.stdout
+
+
+def test_an_int8_unet_that_drifts_is_rejected_with_the_reason(shipped: str, settings: Settings,
+                                                               tmp_path: Path) -> None:
+    import openvino as ov
+
+    from workers.demo_model.adherence import compare, gate
+
+    storage = open_storage(settings.storage_url)
+    fp = json.loads(run_cli("models", shipped, "--json", settings=settings).stdout)
+    base = next(m for m in fp if m["precision"] == "fp32")
+    fp_dir = tmp_path / "fp32"
+    storage.download_prefix(keys.model_artifact_prefix(shipped, "fp32", base["fingerprint"]), fp_dir)
+    # An aggressively quantized UNet: every weight tensor rounded to 3 bits (7 levels, one scale per tensor).
+    drifted = tmp_path / "drifted"
+    shutil.copytree(fp_dir, drifted)
+    model = ov.Core().read_model(fp_dir / "unet" / "openvino_model.xml")
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "Constant" and op.get_element_type().is_real() and op.shape.size > 1024:
+            w = op.get_data().astype(np.float32)
+            scale = float(np.abs(w).max()) / 3 or 1.0
+            quantized = ov.op.Constant(np.round(w / scale).astype(np.float32) * scale)
+            op.output(0).replace(quantized.output(0))
+    ov.save_model(model, drifted / "unet" / "openvino_model.xml", compress_to_fp16=False)
+    runs = compare(fp_dir, drifted)
+    assert runs is not None
+    fp_run, int8_run = runs
+    passed, reason = gate(fp_run.accuracy, int8_run.accuracy, 2.0)
+    print(f"3-bit UNet: {reason}")
+    assert not passed and "more than the 2.0 allowed" in reason, (fp_run.accuracy, int8_run.accuracy)
+    assert fp_run.accuracy >= 95.0 and int8_run.accuracy < fp_run.accuracy - 2.0
