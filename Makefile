@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.darkroom-installed
 
-.PHONY: demo test lint bench clean install chromium
+.PHONY: demo test lint bench bench-peers bench-peers-venv clean install chromium
 
 install: $(STAMP)
 
@@ -30,6 +30,23 @@ test: $(STAMP) chromium
 
 bench: $(STAMP)
 	$(BIN)/python bench/queue_overhead.py
+
+# darkroom against optimum-intel, openvino-genai and diffusers (bench/peers.py). The peers run in their own venv:
+# optimum-intel pins older transformers and diffusers than the project's. Models and IRs go to bench/.work/ and
+# are reused by later runs. BENCH_PEERS_ARGS="--models sd15,bksdm-small --sizes 256,512" measures more.
+PEERS_VENV := bench/.venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+BENCH_PEERS_ARGS ?= --models sd15 --sizes 256 --runs 3 --warmup 1
+
+bench-peers-venv: $(PEERS_STAMP)
+
+$(PEERS_STAMP): bench/peers-requirements.txt
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q --disable-pip-version-check --no-deps -r bench/peers-requirements.txt
+	touch $(PEERS_STAMP)
+
+bench-peers: $(STAMP) $(PEERS_STAMP)
+	$(BIN)/python bench/peers.py $(BENCH_PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) darkroom-data .pytest_cache

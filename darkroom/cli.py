@@ -63,6 +63,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         long_prompts=args.long_prompts, control_image=args.control_image, annotator=args.annotator,
         controlnet_scale=args.controlnet_scale,
         init_image=args.init_image, strength=args.strength, watermark=args.watermark,
+        prior_steps=args.prior_steps, prior_guidance=args.prior_guidance,
     )
     for problem in handle.invalid:
         print(f"darkroom: skipped {problem}", file=sys.stderr)
@@ -231,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-image", metavar="PATH", help="SD 1.x image-to-image: the image every item starts from "
                    "(an init_image column of a .jsonl/.csv overrides it per item); it sets the output size")
     p.add_argument("--strength", type=float, help="image-to-image: how much to redraw, in (0, 1] (default 0.8)")
+    p.add_argument("--prior-steps", type=int, help="Wuerstchen models: the prior's steps (default 60; --steps "
+                   "is the decoder's, default 12)")
+    p.add_argument("--prior-guidance", type=float, help="Wuerstchen models: the prior's guidance (default 4.0; "
+                   "--guidance is the decoder's, default 0.0)")
     p.add_argument("--watermark", metavar="TEXT", help="embed TEXT as an invisible watermark in every image "
                    "(images of at least 256x256; recorded in the PNG metadata)")
     p.add_argument("--long-prompts", choices=("reject", "truncate"), default="reject",
@@ -264,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a local diffusers folder or a Hugging Face repo id")
     p.add_argument("--name", required=True)
     p.add_argument("--weight-format", choices=("fp16", "fp32"), default="fp16")
-    p.add_argument("--family", help="model family (sd, sdxl, ...; default: detected from model_index.json); "
+    p.add_argument("--family", help="model family (sd, sdxl, controlnet, wuerstchen; default: detected from "
+                   "model_index.json); "
                    "a model of another family is refused")
     p.add_argument("--no-default", action="store_true", help="do not make it the model's default")
     p.add_argument("--no-wait", dest="wait", action="store_false")

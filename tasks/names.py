@@ -16,7 +16,7 @@ CALIBRATE_QUEUE = "calibrate"
 SCHEDULER_NAMES: tuple[str, ...] = ("pndm", "ddim", "lms", "euler", "euler-a", "unipc", "dpm++2m")
 
 # Model families (workers/families.py maps each to its converter and OpenVINO pipeline).
-FAMILIES: tuple[str, ...] = ("sd", "sdxl", "controlnet")
+FAMILIES: tuple[str, ...] = ("sd", "sdxl", "controlnet", "wuerstchen")
 
 CALIBRATION_MODES: tuple[str, ...] = ("int8", "weights-int8", "hybrid")
 

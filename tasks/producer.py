@@ -34,6 +34,7 @@ from tasks.schemas import (
 )
 from tasks.seeds import derive_seed, random_batch_seed
 from tasks.tokens import enforce_prompt_length
+from tasks.wuerstchen import PRIOR_FIELDS, family_defaults
 
 DEFAULT_STEPS = 20
 # How long a waiting producer keeps reconnecting to a Redis that went away before it gives up.
@@ -148,6 +149,8 @@ def submit(
     init_image: str | Path | None = None,
     strength: float | None = None,
     watermark: str | None = None,
+    prior_steps: int | None = None,
+    prior_guidance: float | None = None,
 ) -> BatchHandle:
     """Validate everything, then enqueue one task per image. Nothing is enqueued if validation fails."""
     settings = settings or Settings.from_env()
@@ -155,9 +158,10 @@ def submit(
     # 1. Parse and validate the prompts and the batch-wide options.
     parsed = load_prompts(prompts, column=column, limits=limits)
     lines = require_prompts(parsed, skip_invalid=skip_invalid)
-    steps, guidance, width, height, seed, negative_prompt, images_per_prompt = _check_options(
-        steps=steps, guidance=guidance, width=width, height=height, seed=seed, negative_prompt=negative_prompt,
-        images_per_prompt=images_per_prompt)
+    steps, guidance, width, height, seed, negative_prompt, images_per_prompt, prior_steps, prior_guidance = \
+        _check_options(steps=steps, guidance=guidance, width=width, height=height, seed=seed,
+                       negative_prompt=negative_prompt, images_per_prompt=images_per_prompt, prior_steps=prior_steps,
+                       prior_guidance=prior_guidance)
     batch_id = _batch_id(batch_id)
     if scheduler is not None:
         scheduler = _field(check_scheduler, scheduler, "scheduler")
@@ -169,6 +173,10 @@ def submit(
     # Tokens past the model's limit are reported, never dropped silently (tasks/tokens.py).
     lines, too_long = enforce_prompt_length(lines, negative_prompt, storage, ref, long_prompts,
                                             skip_invalid=skip_invalid)
+    # Wuerstchen: the prior's steps and guidance, the family's defaults and sizes (tasks/wuerstchen.py).
+    family = family_defaults(lines, family=ref.family, model=ref.name, limits=limits, options={
+        "steps": steps, "guidance": guidance, "prior_steps": prior_steps, "prior_guidance": prior_guidance,
+        "scheduler": scheduler, "width": width or ref.width, "height": height or ref.height})
     # ControlNet: each item's control image, checked and uploaded once per file (tasks/control.py).
     from tasks.control import resolve_controls
 
@@ -189,7 +197,7 @@ def submit(
     defaults = {"steps": steps or DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE if guidance is None else guidance,
                 "width": width or ref.width, "height": height or ref.height,
                 "scheduler": scheduler or ref.scheduler, "negative_prompt": negative_prompt,
-                "images_per_prompt": images_per_prompt}
+                "images_per_prompt": images_per_prompt, **family}
     jobs = _expand(lines, defaults, ref, batch_id, batch_seed, device, limits, long_prompts, controls)
     if watermark is not None:  # an invisible watermark in every image of the batch (workers/watermark.py)
         watermark = _field(_check_watermark, watermark, "watermark")
@@ -318,7 +326,8 @@ def _expand(lines: Sequence[PromptLine], defaults: dict[str, Any], ref: ModelRef
                 height=merged["height"], scheduler=merged["scheduler"], model=ref.name, precision=ref.precision,
                 fingerprint=ref.fingerprint, family=ref.family, device=device, long_prompts=long_prompts,
                 **{k: control[k] for k in ("control_image", "annotator", "controlnet_scale", "init_image",
-                                           "strength") if k in control}))
+                                           "strength") if k in control},
+                **{k: merged[k] for k in PRIOR_FIELDS if k in merged}))
     if problems:
         raise problems[0] if len(problems) == 1 else InvalidRequests(problems)
     return jobs

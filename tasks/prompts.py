@@ -87,6 +87,9 @@ def _item(raw: Any, line: int, limits: Limits) -> ItemRequest:
         raise InvalidRequest(f"{item.steps} is more than {limits.max_steps}", field="steps", line=line)
     if item.guidance is not None and item.guidance > limits.max_guidance:
         raise InvalidRequest(f"{item.guidance} is more than {limits.max_guidance}", field="guidance", line=line)
+    from tasks.wuerstchen import check_prior_limits
+
+    check_prior_limits(item.prior_steps, item.prior_guidance, limits, line)
     ipp = item.images_per_prompt
     if ipp is not None and ipp > limits.max_images_per_prompt:
         raise InvalidRequest(f"{ipp} is more than {limits.max_images_per_prompt}", field="images_per_prompt",

@@ -63,6 +63,9 @@ class ItemRequest(BaseModel):
     # Image-to-image (SD 1.x): a local image file (relative to the prompts file's folder) and how much to change it.
     init_image: str | None = None
     strength: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    # Wuerstchen models: the prior's (stage C) steps and guidance; steps and guidance are the decoder's.
+    prior_steps: int | None = Field(default=None, ge=1)
+    prior_guidance: float | None = Field(default=None, ge=0.0)
 
     @field_validator("prompt")
     @classmethod
@@ -71,7 +74,8 @@ class ItemRequest(BaseModel):
             raise ValueError("the prompt is empty")
         return value
 
-    @field_validator("seed", "steps", "guidance", "width", "height", "images_per_prompt", mode="before")
+    @field_validator("seed", "steps", "guidance", "width", "height", "images_per_prompt", "prior_steps",
+                     "prior_guidance", mode="before")
     @classmethod
     def _not_bool(cls, value: Any) -> Any:
         if isinstance(value, bool):  # JSON true is not 1 step
@@ -89,7 +93,7 @@ class ItemRequest(BaseModel):
                 raise ValueError(f"not valid Unicode text (a lone surrogate at character {exc.start + 1})") from None
         return value
 
-    @field_validator("guidance")
+    @field_validator("guidance", "prior_guidance")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):
@@ -136,6 +140,9 @@ class GenerateJob(BaseModel):
     # Image-to-image: the init image's URI in storage (inputs/<sha256>.png) and the strength in (0, 1].
     init_image: str | None = None
     strength: float = Field(default=0.8, gt=0.0, le=1.0, allow_inf_nan=False)
+    # Wuerstchen: the prior's steps and guidance (set by the producer for that family only; None elsewhere).
+    prior_steps: int | None = Field(default=None, ge=1)
+    prior_guidance: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
     # An invisible watermark (the invisible-watermark package) embedded in the output; None: none asked for.
     watermark: str | None = Field(default=None, min_length=1, max_length=MAX_WATERMARK_CHARS)
 

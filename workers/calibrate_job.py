@@ -72,6 +72,9 @@ def _calibrate(job: CalibrateJob, name: str, runtime: WorkerRuntime) -> dict[str
     storage = runtime.storage
     # 1. The float artifact to start from, and the calibration prompts (cheap checks before heavy work).
     base = float_base(storage, name)
+    if base.family == "wuerstchen":  # its denoisers are a prior and a decoder, not the UNet the plans quantize
+        raise InvalidRequest(f"model {name!r} is a Wuerstchen model; INT8 calibration covers UNet-based families "
+                             "only", field="name")
     try:
         prompts = load_calibration_prompts(job.dataset, job.subset_size)
     except CalibrationDataError as exc:

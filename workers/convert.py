@@ -24,7 +24,8 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -92,8 +93,15 @@ def resolve_source(source: str) -> Path:
 
 def fingerprint_source(source_dir: Path, *, weight_format: str) -> str:
     """16 hex chars identifying what a conversion of `source_dir` would produce."""
-    digest = hashlib.sha256(f"{CONVERTER_VERSION}\0{weight_format}\0".encode())
-    for rel, file in _source_files(Path(source_dir)):
+    return fingerprint_folders(source_dir, SOURCE_COMPONENTS, version=CONVERTER_VERSION, weight_format=weight_format)
+
+
+def fingerprint_folders(source_dir: Path, folders: Sequence[str], *, version: str, weight_format: str,
+                        indexes: Sequence[str] = ("model_index.json",)) -> str:
+    """16 hex chars over a converter version, the weight format and the files a conversion reads: the `indexes`
+    and the configs, vocabularies and weights in `folders` (paths relative to `source_dir`)."""
+    digest = hashlib.sha256(f"{version}\0{weight_format}\0".encode())
+    for rel, file in _source_files(Path(source_dir), folders, indexes):
         # Length-prefix each part so that no two different folders can feed the same byte stream.
         digest.update(f"{rel}\0{file.stat().st_size}\0".encode())
         with file.open("rb") as handle:
@@ -102,9 +110,10 @@ def fingerprint_source(source_dir: Path, *, weight_format: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _source_files(source_dir: Path) -> list[tuple[str, Path]]:
-    files = [source_dir / "model_index.json"]
-    for component in SOURCE_COMPONENTS:
+def _source_files(source_dir: Path, folders: Sequence[str] = SOURCE_COMPONENTS,
+                  indexes: Sequence[str] = ("model_index.json",)) -> list[tuple[str, Path]]:
+    files = [source_dir / index for index in indexes]
+    for component in folders:
         folder = source_dir / component
         if folder.is_dir():
             files += [p for p in folder.rglob("*") if p.is_file() and p.suffix in _FINGERPRINT_SUFFIXES]
@@ -117,16 +126,11 @@ def convert_sd(source_dir: Path, out_dir: Path, *, weight_format: WeightFormat =
     started = time.perf_counter()
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     # 1. Check the request before the slow part.
-    if weight_format not in ("fp16", "fp32"):
-        raise ValueError(f"weight_format must be 'fp16' or 'fp32', not {weight_format!r}")
+    compress = check_weight_format(weight_format)
     check_sd_source(source_dir)
     fingerprint = fingerprint_source(source_dir, weight_format=weight_format)
-    compress = weight_format == "fp16"
     # 2. Everything goes into a temporary sibling folder; only a finished conversion is renamed into place.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    os.chmod(work, 0o755)  # mkdtemp makes it private; the published folder is an ordinary one
-    try:
+    with staging(out_dir) as work:
         # 3. The small files: pipeline index, scheduler config, tokenizer.
         shutil.copyfile(source_dir / "model_index.json", work / "model_index.json")
         (work / "scheduler").mkdir()
@@ -141,13 +145,35 @@ def convert_sd(source_dir: Path, out_dir: Path, *, weight_format: WeightFormat =
         for convert in (_convert_text_encoder, _convert_unet, _convert_vae):
             convert(source_dir, work, compress)
             gc.collect()
-        # 5. Publish: move any previous result aside, rename the new one in, then delete the old.
+    # 5. Published by staging(): any previous result moved aside, the new one renamed in, the old deleted.
+    return conversion_result(out_dir, "sd", fingerprint, started)
+
+
+def check_weight_format(weight_format: str) -> bool:
+    """Whether to compress weights to FP16; ValueError for a format no converter writes."""
+    if weight_format not in ("fp16", "fp32"):
+        raise ValueError(f"weight_format must be 'fp16' or 'fp32', not {weight_format!r}")
+    return weight_format == "fp16"
+
+
+@contextmanager
+def staging(out_dir: Path) -> Iterator[Path]:
+    """A temporary sibling of `out_dir` to convert into, renamed into place only when the block completes and
+    deleted when it fails: a reader never sees half a conversion."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    os.chmod(work, 0o755)  # mkdtemp makes it private; the published folder is an ordinary one
+    try:
+        yield work
         _replace_dir(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def conversion_result(out_dir: Path, family: str, fingerprint: str, started: float) -> ConversionResult:
     files = tuple(sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file()))
-    return ConversionResult(out_dir=out_dir, family="sd", fingerprint=fingerprint, files=files,
+    return ConversionResult(out_dir=out_dir, family=family, fingerprint=fingerprint, files=files,
                             seconds=round(time.perf_counter() - started, 3))
 
 

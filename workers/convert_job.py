@@ -48,7 +48,10 @@ def run_convert(payload: object, runtime: WorkerRuntime) -> dict[str, Any]:
         family = get_family(check_family(source_dir, job.family))
     except UnknownFamily as exc:
         raise InvalidRequest(str(exc), field="family" if job.family else "source") from None
-    fingerprint = load_attr(family.fingerprint)(source_dir, weight_format=job.weight_format)
+    try:
+        fingerprint = load_attr(family.fingerprint)(source_dir, weight_format=job.weight_format)
+    except ValueError as exc:  # a source of the family its converter cannot read, e.g. a Wuerstchen decoder alone
+        raise InvalidRequest(str(exc), field="source") from None
     precision = job.weight_format
     manifest_key = keys.model_artifact_manifest_key(name, precision, fingerprint)
     storage = runtime.storage
@@ -88,13 +91,17 @@ def _manifest(job: ConvertJob, name: str, precision: str, fingerprint: str, ir_d
         "name": name, "precision": precision, "fingerprint": fingerprint, "family": family,
         "source": job.source, "created": datetime.now(UTC).isoformat(), "files": files,
         "bytes": sum((ir_dir / f).stat().st_size for f in files),
-        "defaults": model_defaults(ir_dir), "darkroom_version": darkroom.__version__,
+        "defaults": model_defaults(ir_dir, family), "darkroom_version": darkroom.__version__,
         "openvino_version": ov.get_version(),
     }
 
 
-def model_defaults(ir_dir: Path) -> dict[str, Any]:
-    """Native size and scheduler of a converted SD model, for requests that do not set them."""
+def model_defaults(ir_dir: Path, family: str = "sd") -> dict[str, Any]:
+    """Native size and scheduler of a converted model, for requests that do not set them."""
+    if family == "wuerstchen":  # trained at 1024x1024; its stages run one scheduler of their own
+        from tasks.wuerstchen import DEFAULT_SIDE, SCHEDULER
+
+        return {"width": DEFAULT_SIDE, "height": DEFAULT_SIDE, "scheduler": SCHEDULER}
     unet = json.loads((ir_dir / "unet" / "config.json").read_text())
     vae = json.loads((ir_dir / "vae_decoder" / "config.json").read_text())
     scheduler = json.loads((ir_dir / "scheduler" / "scheduler_config.json").read_text())

@@ -38,6 +38,11 @@ REGISTRY: dict[str, Family] = {
         convert="workers.convert_controlnet:convert_controlnet",
         fingerprint="workers.convert_controlnet:fingerprint_controlnet_source",
         pipeline="workers.controlnet:OVControlNetPipeline"),
+    # A combined folder (prior_* and decoder components), or a decoder folder with its prior in prior/.
+    "wuerstchen": Family(
+        "wuerstchen", ("WuerstchenCombinedPipeline", "WuerstchenDecoderPipeline"),
+        convert="workers.convert_wuerstchen:convert_wuerstchen",
+        fingerprint="workers.convert_wuerstchen:fingerprint_wuerstchen", pipeline="workers.wuerstchen:OVWuerstchen"),
 }
 
 

@@ -19,6 +19,7 @@ from workers.img2img_step import img2img_inputs, img2img_metadata
 from workers.png import encode_png
 from workers.prompt_length import prompt_warnings
 from workers.runtime import WorkerRuntime
+from workers.wuerstchen_step import wuerstchen_inputs
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,10 @@ def run_generate(payload: object, runtime: WorkerRuntime, *, attempt: int = 1) -
         warnings = prompt_warnings(pipeline, job)  # tokens past the model's limit: reported, never silent
         # 4. Render.
         control = control_inputs(job, runtime, pipeline)  # ControlNet: the (annotated, cached) control image
+        prior = wuerstchen_inputs(job, pipeline)  # Wuerstchen: the prior's steps and guidance
         out = faults.wrap(pipeline, job).generate(job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
                                 guidance_scale=job.guidance, scheduler=job.scheduler, seed=job.seed, **control,
-                                **img2img_inputs(job, storage))
+                                **prior, **img2img_inputs(job, storage))
         image, marked = _watermark(out.image, job)  # optional invisible watermark, recorded in the metadata
         # 5. Image first, then its record: a record always points at a whole image.
         png = encode_png(image, {**png_metadata(job, runtime.device), **img2img_metadata(job), **marked})
@@ -116,6 +118,8 @@ def png_metadata(job: GenerateJob, device: str) -> dict[str, object]:
         "model": job.model, "model_fingerprint": job.fingerprint, "precision": job.precision,
         "device": device, "darkroom_version": darkroom.__version__,
     }
+    if job.prior_steps is not None:  # Wuerstchen: the prior's stage
+        meta.update(prior_steps=job.prior_steps, prior_guidance=job.prior_guidance)
     if job.control_image is not None:  # ControlNet: which control image, annotated how, weighted how
         meta.update(control_image=job.control_image.rsplit("/", 1)[-1], annotator=job.annotator or "none",
                     controlnet_scale=job.controlnet_scale)

@@ -1,4 +1,4 @@
-"""Tiny random-weight Stable Diffusion models built from configs, for tests and the demo.
+"""Tiny random-weight models (SD 1.x, SDXL, ControlNet, Wuerstchen) built from configs, for tests and the demo.
 
 These machines reach no model hub, so nothing here downloads: the weights are random (seeded) and the
 tokenizer is CLIP's real vocabulary, rebuilt from the BPE file that the `clip-anytorch` package ships.
@@ -309,3 +309,63 @@ def _save_pipeline(pipeline: object, out_dir: Path) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     pipeline.save_pretrained(partial)  # type: ignore[attr-defined]
     partial.rename(out_dir)
+
+
+def build_tiny_wuerstchen(out_dir: Path, *, seed: int = 0) -> Path:
+    """A deterministic tiny WuerstchenCombinedPipeline folder: prior_* components and the decoder's, as subfolders.
+
+    What `WuerstchenCombinedPipeline.save_pretrained` writes (diffusers 0.42 cannot load it back whole: load each
+    component from its subfolder). The decoder has four levels, like the real one, so its bicubic resizing of the
+    prior's embeddings both enlarges and (antialiased) shrinks them. diffusers initialises several Wuerstchen
+    weights to zero (output heads, timestep mappers, response norms, VQGAN mixing gains), which would make a random
+    model ignore its inputs; they are randomised here. Sizes: multiples of 128 (42.67x prior, 10.67x decoder, 4x VQGAN).
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / "model_index.json").exists():
+        return out_dir
+    import torch
+    from diffusers import DDPMWuerstchenScheduler, WuerstchenCombinedPipeline
+    from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    def text_encoder(hidden: int) -> CLIPTextModel:
+        return CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=_TEXT_LENGTH, hidden_act="gelu", projection_dim=hidden,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+
+    with torch.random.fork_rng():
+        torch.manual_seed(7 * seed)
+        prior = WuerstchenPrior(c_in=16, c=32, c_cond=32, c_r=8, depth=2, nhead=4, dropout=0.0)
+        torch.manual_seed(7 * seed + 1)
+        decoder = WuerstchenDiffNeXt(
+            c_in=4, c_out=4, c_r=8, patch_size=2, c_cond=32, c_hidden=[16, 32, 32, 32], nhead=[-1, 4, 4, 4],
+            blocks=[1, 1, 1, 1], level_config=["CT", "CTA", "CTA", "CTA"], inject_effnet=[False, True, True, True],
+            effnet_embd=16, clip_embd=24, dropout=0.0)
+        torch.manual_seed(7 * seed + 2)
+        vqgan = PaellaVQModel(levels=2, bottleneck_blocks=1, embed_dim=16, latent_channels=4, num_vq_embeddings=64)
+        torch.manual_seed(7 * seed + 3)
+        prior_text_encoder = text_encoder(32)
+        torch.manual_seed(7 * seed + 4)
+        decoder_text_encoder = text_encoder(24)
+        torch.manual_seed(7 * seed + 5)
+        for model in (prior, decoder, vqgan):
+            for param in model.parameters():
+                if not param.data.any():
+                    param.data.normal_(0.0, 0.3)
+        # Both denoisers' heads predict a shift `a` (first half of the channels) and a scale `b` they divide by:
+        # a strong shift makes the text matter, a small scale keeps a random model's steps stable.
+        for head in (prior.out[1], decoder.clf[1]):
+            half = head.out_channels // 2
+            head.weight.data[:half].normal_(0.0, 0.3)
+            head.weight.data[half:].normal_(0.0, 0.02)
+        for name, param in [*prior.named_parameters(), *decoder.named_parameters()]:
+            if ".attention.to_q." in name or ".attention.to_k." in name:
+                param.data.mul_(4.0)  # as in _tiny_unet: sharper attention, so the prompt matters
+        vqgan.out_block[0].bias.data.fill_(0.5)  # pixels in [0, 1] around mid-grey, as a trained VQGAN's are
+    pipeline = WuerstchenCombinedPipeline(
+        tokenizer=clip_tokenizer(), text_encoder=decoder_text_encoder, decoder=decoder,
+        scheduler=DDPMWuerstchenScheduler(), vqgan=vqgan, prior_tokenizer=clip_tokenizer(),
+        prior_text_encoder=prior_text_encoder, prior_prior=prior, prior_scheduler=DDPMWuerstchenScheduler())
+    _save_pipeline(pipeline, out_dir)
+    return out_dir
