@@ -14,10 +14,7 @@ Nothing here imports torch, diffusers or openvino.
 
 from __future__ import annotations
 
-import hashlib
-import io
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,43 +22,9 @@ from storage import Storage, keys
 from tasks.errors import InvalidRequest
 from tasks.prompts import PromptLine
 from tasks.schemas import MAX_CONTROLNET_SCALE, check_annotator
+from tasks.user_images import UserImage, read_user_image, upload_user_images
 
 CONTROL_FAMILIES = ("controlnet",)
-_REFUSED_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I": "32-bit integer", "F": "float"}
-
-
-@dataclass(frozen=True)
-class ControlImage:
-    digest: str
-    png: bytes
-    width: int
-    height: int
-
-
-def read_control_image(path: Path, *, line: int | None = None) -> ControlImage:
-    """A local control image, checked and normalised to RGB PNG; InvalidRequest naming the field otherwise."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise InvalidRequest(f"cannot read {path}: {exc.strerror or exc}", field="control_image", line=line) from None
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            if image.mode in _REFUSED_MODES:
-                raise InvalidRequest(f"{path} is a {_REFUSED_MODES[image.mode]} image ({image.mode}); "
-                                     "save it as 8-bit RGB", field="control_image", line=line)
-            rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        if isinstance(exc, InvalidRequest):
-            raise
-        raise InvalidRequest(f"{path} is not a readable image ({exc})".splitlines()[0], field="control_image",
-                             line=line) from None
-    width, height = rgb.size
-    out = io.BytesIO()
-    rgb.save(out, format="PNG")
-    return ControlImage(hashlib.sha256(data).hexdigest(), out.getvalue(), width, height)
 
 
 def resolve_controls(lines: Sequence[PromptLine], *, family: str, model: str, storage: Storage,
@@ -76,7 +39,7 @@ def resolve_controls(lines: Sequence[PromptLine], *, family: str, model: str, st
     if controlnet_scale is not None and not 0.0 <= controlnet_scale <= MAX_CONTROLNET_SCALE:
         raise InvalidRequest(f"{controlnet_scale} is outside 0..{MAX_CONTROLNET_SCALE}", field="controlnet_scale")
     controlled = family in CONTROL_FAMILIES
-    read: dict[Path, ControlImage] = {}
+    read: dict[Path, UserImage] = {}
     fields: dict[int, dict[str, Any]] = {}
     for pl in lines:
         item = pl.item
@@ -95,7 +58,7 @@ def resolve_controls(lines: Sequence[PromptLine], *, family: str, model: str, st
         if not path.is_absolute() and item.control_image is not None and base_dir is not None:
             path = base_dir / path
         if path not in read:
-            read[path] = read_control_image(path, line=pl.line)
+            read[path] = read_user_image(path, field="control_image", line=pl.line)
         image = read[path]
         if image.width % 8 or image.height % 8:
             raise InvalidRequest(f"{path} is {image.width}x{image.height}; both sides must be multiples of 8",
@@ -112,11 +75,7 @@ def resolve_controls(lines: Sequence[PromptLine], *, family: str, model: str, st
             else (1.0 if controlnet_scale is None else controlnet_scale),
         }
     # Upload once per distinct file (content-addressed: an existing key already holds these bytes).
-    uris: dict[str, str] = {}
-    for image in read.values():
-        key = keys.control_image_key(image.digest)
-        uris[image.digest] = storage.uri(key) if storage.exists(key) else storage.put_bytes(
-            key, image.png, content_type="image/png")
+    uris = upload_user_images(read.values(), storage, keys.control_image_key)
     for entry in fields.values():
         entry["control_image"] = uris[entry.pop("control_digest")]
     return fields

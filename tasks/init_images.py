@@ -14,52 +14,17 @@ Nothing here imports torch, diffusers or openvino.
 
 from __future__ import annotations
 
-import hashlib
-import io
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from storage import Storage, keys
 from tasks.errors import InvalidRequest
 from tasks.prompts import PromptLine
+from tasks.user_images import UserImage, read_user_image, upload_user_images
 
 IMG2IMG_FAMILIES = ("sd",)
 DEFAULT_STRENGTH = 0.8
-_REFUSED_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I": "32-bit integer", "F": "float"}
-
-
-@dataclass(frozen=True)
-class InitImage:
-    digest: str
-    png: bytes
-    width: int
-    height: int
-
-
-def read_init_image(path: Path, *, line: int | None = None) -> InitImage:
-    """A local init image, checked and normalised to RGB PNG; InvalidRequest naming the field otherwise."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise InvalidRequest(f"cannot read {path}: {exc.strerror or exc}", field="init_image", line=line) from None
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            mode = image.mode
-            rgb = image.convert("RGB") if mode not in _REFUSED_MODES else None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InvalidRequest(f"{path} is not a readable image ({exc})".splitlines()[0], field="init_image",
-                             line=line) from None
-    if rgb is None:
-        raise InvalidRequest(f"{path} is a {_REFUSED_MODES[mode]} image ({mode}); save it as 8-bit RGB",
-                             field="init_image", line=line)
-    out = io.BytesIO()
-    rgb.save(out, format="PNG")
-    return InitImage(hashlib.sha256(data).hexdigest(), out.getvalue(), rgb.size[0], rgb.size[1])
 
 
 def resolve_init_images(lines: Sequence[PromptLine], *, family: str, model: str, storage: Storage,
@@ -72,7 +37,7 @@ def resolve_init_images(lines: Sequence[PromptLine], *, family: str, model: str,
     """
     if strength is not None and not 0.0 < strength <= 1.0:
         raise InvalidRequest(f"{strength} is outside (0, 1]", field="strength")
-    read: dict[Path, InitImage] = {}
+    read: dict[Path, UserImage] = {}
     fields: dict[int, dict[str, Any]] = {}
     for pl in lines:
         item = pl.item
@@ -89,7 +54,7 @@ def resolve_init_images(lines: Sequence[PromptLine], *, family: str, model: str,
         if not path.is_absolute() and item.init_image is not None and base_dir is not None:
             path = base_dir / path
         if path not in read:
-            read[path] = read_init_image(path, line=pl.line)
+            read[path] = read_user_image(path, field="init_image", line=pl.line)
         image = read[path]
         if image.width % 8 or image.height % 8:
             raise InvalidRequest(f"{path} is {image.width}x{image.height}; both sides must be multiples of 8",
@@ -108,11 +73,7 @@ def resolve_init_images(lines: Sequence[PromptLine], *, family: str, model: str,
         fields[pl.line] = {"digest": image.digest, "strength": chosen, "width": image.width,
                            "height": image.height}
     # Upload once per distinct file (content-addressed: an existing key already holds these bytes).
-    uris: dict[str, str] = {}
-    for image in read.values():
-        key = keys.init_image_key(image.digest)
-        uris[image.digest] = storage.uri(key) if storage.exists(key) else storage.put_bytes(
-            key, image.png, content_type="image/png")
+    uris = upload_user_images(read.values(), storage, keys.init_image_key)
     for entry in fields.values():
         entry["init_image"] = uris[entry.pop("digest")]
     return fields

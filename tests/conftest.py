@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from broker.settings import Settings
+
+if TYPE_CHECKING:
+    from storage.s3 import S3Storage
 
 S3_ACCESS_KEY = "darkroom-test"
 S3_SECRET_KEY = "darkroom-test-secret-key"
@@ -52,6 +56,25 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 def s3_env(endpoint: str, *, secret: str = S3_SECRET_KEY) -> dict[str, str]:
     return {"DARKROOM_S3_ENDPOINT": endpoint, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
             "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextmanager
+def exported_env(values: dict[str, str]) -> Iterator[dict[str, str]]:
+    """`values` set in this process's environment while inside (S3 keys: the producer here reads S3 too)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in values.items():
+            mp.setenv(name, value)
+        yield values
+
+
+def s3_bucket(server: Any, bucket: str, prefix: str) -> S3Storage:
+    """An S3Storage on the session's S3 server under s3://BUCKET/PREFIX, the bucket created."""
+    from storage.s3 import S3Storage
+
+    storage = S3Storage(bucket, prefix, endpoint_url=server.endpoint, access_key=S3_ACCESS_KEY,
+                        secret_key=S3_SECRET_KEY)
+    storage.ensure_bucket()
+    return storage
 
 
 def redis_db_url(server: Any, db: int) -> str:

@@ -8,11 +8,17 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from broker.app import make_app
 from broker.settings import Settings
+
+if TYPE_CHECKING:
+    import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,6 +77,31 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+@contextmanager
+def running_worker(settings: Settings, queues: list[str], tmp_path_factory: pytest.TempPathFactory,
+                   **options: Any) -> Iterator[WorkerProcess]:
+    """A started worker on `queues`, logging to a fresh logs/w.log; stopped on leaving, even if it never answered.
+
+    `options` are WorkerProcess's other fields (device, extra_env, extra_args).
+    """
+    process = WorkerProcess(settings, queues, tmp_path_factory.mktemp("logs") / "w.log", **options)
+    try:
+        yield process.start()
+    finally:
+        process.stop()
+
+
+def convert_model(settings: Settings, source: str | Path, name: str, *, weight_format: str = "fp32",
+                  timeout: float = 600) -> dict[str, Any]:
+    """Convert `source` as model `name` through the queue and wait for it; the outcome, which must be done."""
+    from tasks.producer import submit_convert
+
+    outcome = submit_convert(str(source), name=name, weight_format=weight_format, settings=settings).get(
+        timeout=timeout)
+    assert outcome["status"] == "done", outcome
+    return outcome
 
 
 def run_cli(*args: str, settings: Settings | None = None, env: dict[str, str] | None = None,

@@ -13,9 +13,9 @@ from broker.settings import Settings
 from storage import keys, open_storage
 from tasks.calibration import calibrate_job, roll_back, submit_calibrate
 from tasks.models import default_of
-from tasks.producer import submit, submit_convert
+from tasks.producer import submit
 from tests.conftest import queue_settings_for, redis_db_url
-from tests.fleet import REPO, WorkerProcess, run_cli
+from tests.fleet import REPO, WorkerProcess, convert_model, run_cli, running_worker
 from workers.png import read_png_metadata
 
 FAST = {"steps": 3, "width": 64, "height": 64}
@@ -30,17 +30,13 @@ def settings(redis_server: object, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="module")
 def worker(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    w = WorkerProcess(settings, ["generate.CPU", "convert", "calibrate"], tmp_path_factory.mktemp("logs") / "w.log")
-    try:
-        yield w.start()
-    finally:
-        w.stop()
+    with running_worker(settings, ["generate.CPU", "convert", "calibrate"], tmp_path_factory) as w:
+        yield w
 
 
 @pytest.fixture(scope="module")
 def model(worker: WorkerProcess, settings: Settings, tiny_sd_dir: Path) -> str:
-    outcome = submit_convert(str(tiny_sd_dir), name=MODEL, weight_format="fp32", settings=settings).get(timeout=600)
-    assert outcome["status"] == "done", outcome
+    convert_model(settings, tiny_sd_dir, MODEL)
     return MODEL
 
 

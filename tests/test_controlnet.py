@@ -13,9 +13,9 @@ from PIL import Image
 from broker.settings import Settings
 from storage import keys, open_storage
 from tasks.calibration import calibrate_job, submit_calibrate
-from tasks.producer import submit, submit_convert
+from tasks.producer import submit
 from tests.conftest import queue_settings_for, redis_db_url
-from tests.fleet import WorkerProcess, run_cli
+from tests.fleet import WorkerProcess, convert_model, run_cli, running_worker
 from workers.png import read_png_metadata
 
 FAST = {"steps": 3}
@@ -77,21 +77,14 @@ def settings(redis_server: object, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="module")
 def worker(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    w = WorkerProcess(settings, ["generate.CPU", "convert", "calibrate"], tmp_path_factory.mktemp("logs") / "w.log")
-    try:
-        yield w.start()
-    finally:
-        w.stop()
+    with running_worker(settings, ["generate.CPU", "convert", "calibrate"], tmp_path_factory) as w:
+        yield w
 
 
 @pytest.fixture(scope="module")
 def models(worker: WorkerProcess, settings: Settings, controlnet_dir: Path, tiny_sd_dir: Path) -> dict[str, str]:
-    out = {}
-    for name, source in (("cn", controlnet_dir), ("plain", tiny_sd_dir)):
-        outcome = submit_convert(str(source), name=name, weight_format="fp32", settings=settings).get(timeout=600)
-        assert outcome["status"] == "done", outcome
-        out[name] = outcome["family"]
-    return out
+    return {name: convert_model(settings, source, name)["family"]
+            for name, source in (("cn", controlnet_dir), ("plain", tiny_sd_dir))}
 
 
 def test_conversion_through_the_queue_records_the_family(models: dict[str, str], settings: Settings) -> None:

@@ -17,7 +17,7 @@ from tasks.calibration import calibrate_job, submit_calibrate
 from tasks.models import default_of
 from tasks.producer import submit, submit_convert
 from tests.conftest import queue_settings_for, redis_db_url
-from tests.fleet import WorkerProcess, run_cli
+from tests.fleet import WorkerProcess, convert_model, run_cli, running_worker
 from workers.demo_model import shapes, shipped_model_dir
 from workers.demo_model.train import TrainConfig, train_demo_model
 
@@ -32,18 +32,13 @@ def settings(redis_server: object, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="module")
 def worker(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    w = WorkerProcess(settings, ["generate.CPU", "convert", "calibrate"], tmp_path_factory.mktemp("logs") / "w.log")
-    try:
-        yield w.start()
-    finally:
-        w.stop()
+    with running_worker(settings, ["generate.CPU", "convert", "calibrate"], tmp_path_factory) as w:
+        yield w
 
 
 @pytest.fixture(scope="module")
 def shipped(worker: WorkerProcess, settings: Settings) -> str:
-    outcome = submit_convert(str(shipped_model_dir()), name=SHIPPED, weight_format="fp32",
-                             settings=settings).get(timeout=900)
-    assert outcome["status"] == "done", outcome
+    convert_model(settings, shipped_model_dir(), SHIPPED, timeout=900)
     return SHIPPED
 
 

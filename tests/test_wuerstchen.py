@@ -28,8 +28,8 @@ from storage.s3 import S3Storage
 from tasks.errors import InvalidRequest
 from tasks.producer import BatchHandle, send_jobs, submit, submit_convert
 from tasks.schemas import GenerateJob
-from tests.conftest import REDIS_PASSWORD, S3_ACCESS_KEY, S3_SECRET_KEY, queue_settings_for, s3_env
-from tests.fleet import WorkerProcess, run_cli
+from tests.conftest import REDIS_PASSWORD, exported_env, queue_settings_for, s3_bucket, s3_env
+from tests.fleet import WorkerProcess, convert_model, run_cli, running_worker
 from tests.test_sd_pipeline import max_diff
 from workers.families import UnknownFamily, check_family, detect_family
 from workers.png import read_png_metadata
@@ -80,18 +80,12 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def s3(s3_server: Any) -> S3Storage:
-    storage = S3Storage(BUCKET, "darkroom", endpoint_url=s3_server.endpoint, access_key=S3_ACCESS_KEY,
-                        secret_key=S3_SECRET_KEY)
-    storage.ensure_bucket()
-    return storage
+    return s3_bucket(s3_server, BUCKET, "darkroom")
 
 
 @pytest.fixture(scope="module")
 def env(s3_server: Any) -> Iterator[dict[str, str]]:
-    values = s3_env(s3_server.endpoint)
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in values.items():
-            mp.setenv(name, value)  # the producer in this process reads S3 too
+    with exported_env(s3_env(s3_server.endpoint)) as values:  # the producer in this process reads S3 too
         yield values
 
 
@@ -105,19 +99,13 @@ def settings(redis_url: str, s3: S3Storage, env: dict[str, str],
 @pytest.fixture(scope="module")
 def worker(settings: Settings, env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[WorkerProcess]:
-    process = WorkerProcess(settings, ["generate.CPU", "convert"], tmp_path_factory.mktemp("logs") / "w.log",
-                            extra_env=env)
-    try:
-        yield process.start()
-    finally:
-        process.stop()
+    with running_worker(settings, ["generate.CPU", "convert"], tmp_path_factory, extra_env=env) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")
 def converted(worker: WorkerProcess, source: Path, settings: Settings) -> dict[str, Any]:
-    outcome = submit_convert(str(source), name=MODEL, weight_format="fp32", settings=settings).get(timeout=900)
-    assert outcome["status"] == "done", outcome
-    return outcome
+    return convert_model(settings, source, MODEL, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -287,8 +275,7 @@ def test_a_batch_renders_through_the_queue_as_diffusers_does(converted: dict[str
 
 @pytest.fixture(scope="module")
 def sd_model(worker: WorkerProcess, tiny_sd_dir: Path, settings: Settings) -> str:
-    outcome = submit_convert(str(tiny_sd_dir), name="tiny-sd", settings=settings).get(timeout=900)
-    assert outcome["status"] == "done", outcome
+    convert_model(settings, tiny_sd_dir, "tiny-sd", weight_format="fp16", timeout=900)
     return "tiny-sd"
 
 
