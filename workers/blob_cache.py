@@ -5,6 +5,9 @@ next time the same model is compiled with the same settings. Each artifact gets 
 here, and the blobs in it are mirrored to storage under a key made of the device, a digest of what makes a
 blob portable (the device's full name and the OpenVINO version) and the artifact's fingerprint. A blob that
 does not fit is no danger: OpenVINO checks it and compiles afresh. No Celery here.
+
+On CPU the blobs are weightless (workers/device.py sets CACHE_MODE=OPTIMIZE_SIZE): importing one needs the
+IR's weights, which `WeightsPathCore` points OpenVINO to (WEIGHTS_PATH) for every model read from an IR.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,47 @@ def device_signature(core: Any, device: str) -> str:
     return hashlib.sha256(f"{device}\n{name}\n{ov.get_version()}".encode()).hexdigest()[:16]
 
 
+def is_weightless(ov_config: dict[str, Any]) -> bool:
+    """Whether these compile properties ask for a weightless cache (CACHE_MODE=OPTIMIZE_SIZE)."""
+    return str(ov_config.get("CACHE_MODE", "")).upper().endswith("OPTIMIZE_SIZE")
+
+
+class WeightsPathCore:
+    """An `openvino.Core` that remembers which IR each model was read from and, when a model is compiled with
+    a weightless cache (CACHE_MODE=OPTIMIZE_SIZE), tells OpenVINO where its weights are (WEIGHTS_PATH).
+
+    OpenVINO can import a weightless blob for an `ov.Model` only with WEIGHTS_PATH; without it, it compiles
+    afresh every time and rewrites the blob. A model not read from an IR file here (built in Python, say) is
+    compiled with a full blob instead (CACHE_MODE dropped). Everything else is the wrapped Core's.
+    """
+
+    def __init__(self, core: Any) -> None:
+        self._core = core
+        self._weights: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+    def read_model(self, model: Any, weights: Any = None, config: dict[str, Any] | None = None) -> Any:
+        read = self._core.read_model(model, weights, config)
+        if isinstance(model, str | os.PathLike) and str(model).endswith(".xml"):
+            bin_path = Path(weights) if isinstance(weights, str | os.PathLike) else Path(model).with_suffix(".bin")
+            if bin_path.is_file():
+                self._weights[read] = str(bin_path.resolve())
+        return read
+
+    def compile_model(self, model: Any, device_name: str | None = None, config: dict[str, Any] | None = None,
+                      **kwargs: Any) -> Any:
+        config = dict(config or {})
+        if is_weightless(config) and "WEIGHTS_PATH" not in config and not isinstance(model, str | os.PathLike):
+            weights = self._weights.get(model)
+            if weights is None:  # no IR to map the weights from: a full blob, or every compile starts afresh
+                config.pop("CACHE_MODE")
+            else:
+                config["WEIGHTS_PATH"] = weights
+        return self._core.compile_model(model, device_name, config, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._core, name)
+
+
 class SharedBlobCache:
     """Local per-artifact CACHE_DIR folders, mirrored to and from storage."""
 
@@ -52,8 +97,13 @@ class SharedBlobCache:
         self.device = device
         self.signature = signature
         self.share = share
+        self.weightless = False
         # Blobs as pulled (path -> mtime): one OpenVINO rewrote after the pull was unusable, and is pushed again.
         self._pulled: dict[Path, int] = {}
+
+    def use_config(self, ov_config: dict[str, Any]) -> None:
+        """Keep weightless blobs apart from full ones (OpenVINO names both alike): their own folders and keys."""
+        self.weightless = is_weightless(ov_config)
 
     def local_dir(self, model: str, precision: str, fingerprint: str) -> Path:
         folder = self.local_root / self._prefix(model, precision, fingerprint)
@@ -109,4 +159,7 @@ class SharedBlobCache:
         return pulled is not None and path.stat().st_mtime_ns != pulled
 
     def _prefix(self, model: str, precision: str, fingerprint: str) -> str:
-        return keys.compiled_blob_prefix(self.device, self.signature, model, precision, fingerprint)
+        signature = self.signature
+        if self.weightless:
+            signature = hashlib.sha256(f"{signature}\nweightless".encode()).hexdigest()[:16]
+        return keys.compiled_blob_prefix(self.device, signature, model, precision, fingerprint)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from storage import Storage, keys
-from workers.blob_cache import SharedBlobCache
+from workers.blob_cache import SharedBlobCache, WeightsPathCore
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,15 @@ class ModelPool:
                  capacity: int = 4, core: Any | None = None, blob_cache: SharedBlobCache | None = None) -> None:
         self.storage = storage
         self.blob_cache = blob_cache
+        if blob_cache is not None:
+            blob_cache.use_config(ov_config)
         self.cache_dir = cache_dir
         self.device = device
         self.ov_config = ov_config
         self.capacity = capacity
         self.stats = PoolStats()
         self._core = core
+        self._loader: WeightsPathCore | None = None
         self._entries: OrderedDict[PoolKey, Any] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -62,6 +65,13 @@ class ModelPool:
 
             self._core = ov.Core()
         return self._core
+
+    @property
+    def loader(self) -> WeightsPathCore:
+        """The Core pipelines are loaded with: it points a weightless compiled-blob cache to each IR's weights."""
+        if self._loader is None:
+            self._loader = WeightsPathCore(self.core)
+        return self._loader
 
     def get(self, model: str, precision: str, fingerprint: str, *, width: int, height: int, cfg: bool,
             img2img: bool = False) -> Any:
@@ -84,7 +94,7 @@ class ModelPool:
                 self.stats.blobs_pulled += self.blob_cache.pull(model, precision, fingerprint).files
             pipeline_cls = pipeline_for_artifact(local, img2img=img2img)
             pipeline = pipeline_cls.load(local, device=self.device, width=width, height=height, cfg=cfg,
-                                         core=self.core, ov_config=config)
+                                         core=self.loader, ov_config=config)
             self.stats.compiles += 1
             if self.blob_cache is not None:
                 self.stats.blobs_pushed += self.blob_cache.push(model, precision, fingerprint).files
