@@ -77,6 +77,20 @@ def s3_bucket(server: Any, bucket: str, prefix: str) -> S3Storage:
     return storage
 
 
+def stored_tiny_artifact(tiny_sd_dir: Path, root: Path, name: str) -> tuple[Any, str, Path]:
+    """The tiny model converted (fp32) and stored under `root/storage` as the conversion job leaves it:
+    (storage, fingerprint, converted IR folder)."""
+    from storage import keys, open_storage
+    from workers.convert import convert_sd
+
+    storage = open_storage(str(root / "storage"))
+    result = convert_sd(tiny_sd_dir, root / "ir", weight_format="fp32")
+    prefix = keys.model_artifact_prefix(name, "fp32", result.fingerprint)
+    storage.upload_dir(result.out_dir, prefix)
+    storage.put_json(prefix + "manifest.json", {"name": name, "fingerprint": result.fingerprint})
+    return storage, result.fingerprint, Path(result.out_dir)
+
+
 def redis_db_url(server: Any, db: int) -> str:
     """The session's Redis, another database: each module's workers get queues of their own."""
     return server.url.rsplit("/", 1)[0] + f"/{db}"

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from storage import Storage, keys, open_storage
+from storage import Storage
+from tests.conftest import stored_tiny_artifact
 from workers.blob_cache import SharedBlobCache, WeightsPathCore, device_signature
 from workers.device import compile_config
 
@@ -19,15 +20,7 @@ KWARGS = {"prompt": "a lighthouse at dusk", "negative_prompt": "", "steps": 3, "
 @pytest.fixture(scope="module")
 def artifact(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Storage, str, Path]:
     """The tiny model converted and stored as an artifact; also the converted IR folder."""
-    from workers.convert import convert_sd
-
-    root = tmp_path_factory.mktemp("weightless-store")
-    storage = open_storage(str(root / "storage"))
-    result = convert_sd(tiny_sd_dir, root / "ir", weight_format="fp32")
-    prefix = keys.model_artifact_prefix("tiny-wl", "fp32", result.fingerprint)
-    storage.upload_dir(result.out_dir, prefix)
-    storage.put_json(prefix + "manifest.json", {"name": "tiny-wl", "fingerprint": result.fingerprint})
-    return storage, result.fingerprint, Path(result.out_dir)
+    return stored_tiny_artifact(tiny_sd_dir, tmp_path_factory.mktemp("weightless-store"), "tiny-wl")
 
 
 def _pool(storage: Storage, cache_dir: Path, *, weightless: bool = True) -> Any:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from broker.settings import Settings
-from storage import Storage, keys, open_storage
+from storage import Storage
 from tasks.producer import submit, submit_convert
-from tests.conftest import queue_settings_for, redis_db_url
+from tests.conftest import queue_settings_for, redis_db_url, stored_tiny_artifact
 from tests.fleet import REPO, WorkerProcess, run_cli
 from workers.blob_cache import SharedBlobCache, device_signature
 from workers.device import InvalidCores, parse_cores
@@ -128,15 +128,8 @@ def test_unknown_cores_are_a_clear_error(settings: Settings) -> None:
 @pytest.fixture(scope="module")
 def artifact(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Storage, str]:
     """The tiny model converted and stored as an artifact, as the conversion job leaves it."""
-    from workers.convert import convert_sd
-
-    root = tmp_path_factory.mktemp("blob-store")
-    storage = open_storage(str(root / "storage"))
-    result = convert_sd(tiny_sd_dir, root / "ir", weight_format="fp32")
-    prefix = keys.model_artifact_prefix("tiny-blobs", "fp32", result.fingerprint)
-    storage.upload_dir(result.out_dir, prefix)
-    storage.put_json(prefix + "manifest.json", {"name": "tiny-blobs", "fingerprint": result.fingerprint})
-    return storage, result.fingerprint
+    storage, fingerprint, _ = stored_tiny_artifact(tiny_sd_dir, tmp_path_factory.mktemp("blob-store"), "tiny-blobs")
+    return storage, fingerprint
 
 
 def _pool(storage: Storage, cache_dir: Path) -> object:
