@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from int8 import SD15_UNET  # noqa: E402  (bench/int8.py: SD-1.5's UNet config, written out)
+from models import BKSDM_SMALL_UNET, SD15_UNET  # noqa: E402  (bench/models.py: the published configs, written out)
 
 Variant = Literal["sd15", "bksdm-small"]
 DEFAULT_WORK = Path("/tmp/darkroom-bench-models")
@@ -38,8 +38,8 @@ CLIP_L: dict[str, Any] = {
 def unet_config(variant: Variant) -> dict[str, Any]:
     if variant == "sd15":
         return dict(SD15_UNET)
-    if variant == "bksdm-small":  # nota-ai/bk-sdm-small: SD-1.5 without the mid block, one layer per down block
-        return {**SD15_UNET, "mid_block_type": None, "layers_per_block": 1}
+    if variant == "bksdm-small":
+        return dict(BKSDM_SMALL_UNET)
     raise ValueError(f"unknown variant {variant!r}; expected 'sd15' or 'bksdm-small'")
 
 

@@ -32,17 +32,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
-# SD-1.5's UNet config (runwayml/stable-diffusion-v1-5, unet/config.json), written out: no hub here.
-SD15_UNET = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "center_input_sample": False, "flip_sin_to_cos": True,
-    "freq_shift": 0, "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                          "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "mid_block_type": "UNetMidBlock2DCrossAttn", "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
-    "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
-    "cross_attention_dim": 768, "attention_head_dim": 8,
-}
+from models import SD15_UNET  # noqa: E402  (bench/models.py: SD-1.5's UNet config, written out)
+
 TEXT_TOKENS, CONTEXT = 77, 768
 BATCH = 2  # uncond + cond under classifier-free guidance
 # The seed table (FIELD-NOTES and the task): optimum's SD-1.5 IR sizes, and seconds per UNet forward at 256x256.

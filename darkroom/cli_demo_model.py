@@ -17,6 +17,8 @@ def add_demo_model_commands(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, help="train exactly this many VAE steps instead of by time")
     p.add_argument("--unet-steps", type=int, help="train exactly this many UNet steps instead of by time")
+    p.add_argument("--unet-cooldown-steps", type=int, default=0,
+                   help="with --unet-steps: the last N steps lower the learning rate linearly to zero")
     p.add_argument("--scorer-steps", type=int, default=300)
     p.add_argument("--pool-size", type=int, default=12000, help="procedural training images")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared CPU)")
@@ -34,13 +36,16 @@ def cmd_train_demo_model(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value <= 0:
             return fail(f"--{name.replace('_', '-')} must be positive, not {value}", EXIT_INVALID)
+    if args.unet_cooldown_steps and (args.unet_steps is None or not 0 < args.unet_cooldown_steps <= args.unet_steps):
+        return fail(f"--unet-cooldown-steps {args.unet_cooldown_steps} needs --unet-steps and must lie in "
+                    f"1..--unet-steps", EXIT_INVALID)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from workers.demo_model.train import TrainConfig, train_demo_model
 
     config = TrainConfig(seed=args.seed, minutes=args.minutes, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-                         scorer_steps=args.scorer_steps, pool_size=args.pool_size,
-                         threads=args.threads)
+                         unet_cooldown_steps=args.unet_cooldown_steps, scorer_steps=args.scorer_steps,
+                         pool_size=args.pool_size, threads=args.threads)
     with Progress(TextColumn("{task.description:<7}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[metrics]}")) as bar:
         tasks: dict[str, Any] = {}

@@ -4,11 +4,9 @@ real queue and worker on OpenVINO, and the adherence gate of the calibration lif
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from broker.settings import Settings
@@ -76,6 +74,27 @@ def test_a_short_training_run_resumes_exactly_and_renders_through_the_queue(
     assert summary.done == 2, summary
 
 
+def test_the_unet_learning_rate_warms_up_holds_then_cools_down_to_zero() -> None:
+    from workers.demo_model.train import unet_learning_rate
+
+    config = TrainConfig(unet_steps=1000, unet_cooldown_steps=400, unet_lr=1e-3)
+    rates = [unet_learning_rate(config, step) for step in range(1000)]
+    assert rates[0] == pytest.approx(1e-3 / 200) and rates[199] == pytest.approx(1e-3)
+    assert rates[600] == pytest.approx(1e-3) and rates[800] == pytest.approx(0.5e-3)
+    assert rates[999] == pytest.approx(1e-3 / 400)
+    assert all(a >= b for a, b in zip(rates[200:-1], rates[201:], strict=True))  # never rises after the warm-up
+    constant = TrainConfig(unet_steps=1000, unet_lr=1e-3)
+    assert unet_learning_rate(constant, 999) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("args", [["--unet-cooldown-steps", "100"],
+                                  ["--unet-steps", "50", "--unet-cooldown-steps", "100"]])
+def test_a_cooldown_needs_a_step_count_it_fits_in(tmp_path: Path, args: list[str]) -> None:
+    done = run_cli("train-demo-model", str(tmp_path / "out"), *args)
+    assert done.returncode != 0 and "--unet-cooldown-steps" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 # Measured 2026-12-03: the shipped weights (VAE 5000 steps, UNet 10000) score 93.8% on this grid (45 of 48; the
 # misses are squares drawn with rounded corners, judged circles); the issue's bar is 95%. See
 # darkroom/data/demo-model/README.md. strict: once a retrained model reaches 95 %, this mark must go.
@@ -96,17 +115,16 @@ def test_the_shipped_model_draws_the_grid_through_the_queue(shipped: str, settin
 
 
 def test_an_int8_artifact_that_keeps_adherence_is_promoted(shipped: str, settings: Settings) -> None:
-    # The gate's set is 24 images, so one image is 4.2 points: allow one image's difference here (measured
-    # 2026-12-03: FP32 79.2%, weights-int8 75.0%, one image apart; the default 2 points would reject it).
+    # The gate's own default margin: 2 points of its 480-image set.
     job = calibrate_job(shipped, mode="weights-int8", subset_size=2, steps=3, min_speedup=0.0, min_psnr_db=0.0,
-                        max_adherence_drop=4.5, promote=True)
+                        promote=True)
     outcome = submit_calibrate(job, settings=settings).get(timeout=900)
     assert outcome["status"] == "done" and outcome["passed"] and outcome["promoted"], json.dumps(outcome)[:3000]
     storage = open_storage(settings.storage_url)
     report = storage.get_json(keys.model_report_key(shipped, "int8", outcome["fingerprint"]))
     adherence = report["adherence"]
     print(f"weights-int8 adherence: FP32 {adherence['fp32']}%, INT8 {adherence['int8']}%")
-    assert adherence["fp32"] > 60.0 and adherence["drop"] <= 4.5, adherence  # far above chance (1 in 12)
+    assert adherence["fp32"] > 60.0 and adherence["drop"] <= 2.0, adherence  # far above chance (1 in 12)
     assert "adherence INT8" in report["decision"]["reason"]
     prefix = keys.model_artifact_prefix(shipped, "int8", outcome["fingerprint"])
     for sheet in adherence["contact_sheets"].values():
@@ -116,34 +134,17 @@ def test_an_int8_artifact_that_keeps_adherence_is_promoted(shipped: str, setting
     assert f"prompt adherence: FP32 {adherence['fp32']:.1f}%, INT8 {adherence['int8']:.1f}%" in shown.stdout
 
 
-def test_an_int8_unet_that_drifts_is_rejected_with_the_reason(shipped: str, settings: Settings,
-                                                               tmp_path: Path) -> None:
-    import openvino as ov
-
-    from workers.demo_model.adherence import compare, gate
-
+def test_an_int8_artifact_that_drifts_is_rejected_with_the_reason(shipped: str, settings: Settings) -> None:
+    # INT8 activations in the UNet ("hybrid") calibrated on two UNet calls: too few for its activation ranges,
+    # so the artifact draws a different picture (measured 2026-12-03: 36.0% against FP32's 91.7%).
+    before = default_of(open_storage(settings.storage_url), shipped)
+    job = calibrate_job(shipped, mode="hybrid", subset_size=2, steps=3, min_speedup=0.0, min_psnr_db=0.0,
+                        promote=True)
+    outcome = submit_calibrate(job, settings=settings).get(timeout=900)
+    assert outcome["status"] == "done" and not outcome["passed"] and not outcome["promoted"], outcome
+    print(f"hybrid INT8, 2 calibration calls: {outcome['reason']}")
+    assert "adherence INT8" in outcome["reason"] and "more than the 2.0 allowed" in outcome["reason"]
     storage = open_storage(settings.storage_url)
-    fp = json.loads(run_cli("models", shipped, "--json", settings=settings).stdout)
-    base = next(m for m in fp if m["precision"] == "fp32")
-    fp_dir = tmp_path / "fp32"
-    storage.download_prefix(keys.model_artifact_prefix(shipped, "fp32", base["fingerprint"]), fp_dir)
-    # An aggressively quantized UNet: every weight tensor rounded to ternary (-s, 0, s; one scale per tensor).
-    drifted = tmp_path / "drifted"
-    shutil.copytree(fp_dir, drifted)
-    model = ov.Core().read_model(fp_dir / "unet" / "openvino_model.xml")
-    for op in model.get_ordered_ops():
-        if op.get_type_name() != "Constant" or not op.get_element_type().is_real():
-            continue
-        w = op.get_data().astype(np.float32)
-        if w.size > 1024:  # weight tensors, not scalars and small shape constants
-            scale = float(np.abs(w).max()) or 1.0
-            quantized = ov.op.Constant(np.round(w / scale).astype(np.float32) * scale)
-            op.output(0).replace(quantized.output(0))
-    ov.save_model(model, drifted / "unet" / "openvino_model.xml", compress_to_fp16=False)
-    runs = compare(fp_dir, drifted)
-    assert runs is not None
-    fp_run, int8_run = runs
-    passed, reason = gate(fp_run.accuracy, int8_run.accuracy, 2.0)
-    print(f"ternary UNet: {reason}")
-    assert not passed and "more than the 2.0 allowed" in reason, (fp_run.accuracy, int8_run.accuracy)
-    assert fp_run.accuracy > 25.0 and int8_run.accuracy < fp_run.accuracy - 2.0
+    adherence = storage.get_json(keys.model_report_key(shipped, "int8", outcome["fingerprint"]))["adherence"]
+    assert adherence["fp32"] > 60.0 and adherence["int8"] < adherence["fp32"] - 2.0, adherence
+    assert default_of(storage, shipped) == before  # a rejected artifact never becomes the default
