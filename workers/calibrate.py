@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from workers.convert import replace_dir
+
 if TYPE_CHECKING:
     import openvino as ov
 
@@ -136,7 +138,7 @@ def calibrate_sd(fp_ir_dir: Path, out_dir: Path, prompts: Sequence[str], *, mode
         for name, action in plan.items():
             _optimize(core, fp_ir_dir / name / MODEL_XML, work / name / MODEL_XML, action, samples.get(name, ()))
             gc.collect()
-        _publish(work, out_dir)
+        replace_dir(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -221,17 +223,6 @@ def _optimize(core: ov.Core, source: Path, target: Path, action: str, samples: t
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     ov.save_model(model, target, compress_to_fp16=fp16)
     del model
-
-
-def _publish(new: Path, target: Path) -> None:
-    """Rename `new` to `target`, replacing a previous `target` only once the new one is in place."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{new.name}")
-        target.rename(old)
-    new.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _uses_cfg(ir_dir: Path, guidance_scale: float) -> bool:

@@ -165,7 +165,7 @@ def staging(out_dir: Path) -> Iterator[Path]:
     os.chmod(work, 0o755)  # mkdtemp makes it private; the published folder is an ordinary one
     try:
         yield work
-        _replace_dir(work, out_dir)
+        replace_dir(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -191,7 +191,8 @@ def check_sd_source(source_dir: Path) -> dict[str, Any]:
     return index
 
 
-def _replace_dir(new: Path, target: Path) -> None:
+def replace_dir(new: Path, target: Path) -> None:
+    """Rename `new` to `target`, replacing a previous `target` only once the new one is in place."""
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{new.name}")

@@ -18,7 +18,6 @@ No Celery here.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.convert import (
+    SOURCE_COMPONENTS,
     TEXT_LENGTH,
     ConversionResult,
     SourceNotFound,
@@ -36,9 +36,9 @@ from workers.convert import (
     _convert_vae,
     _export,
     _module,
-    _replace_dir,
     _save_tokenizer,
-    _source_files,
+    fingerprint_folders,
+    replace_dir,
 )
 
 CONVERTER_VERSION = "darkroom-controlnet-ir-1"
@@ -60,8 +60,7 @@ def check_controlnet_source(source_dir: Path) -> dict[str, Any]:
     if not index_path.is_file():
         raise SourceNotFound(f"{source_dir} is not a diffusers model folder (no model_index.json)")
     index = json.loads(index_path.read_text(encoding="utf-8"))
-    missing = [c for c in ("scheduler", "tokenizer", "text_encoder", "unet", "vae", "controlnet")
-               if not (source_dir / c).is_dir()]
+    missing = [c for c in (*SOURCE_COMPONENTS, "controlnet") if not (source_dir / c).is_dir()]
     if missing or "text_encoder_2" in index:
         kind = index.get("_class_name", "unknown pipeline")
         why = f"missing {', '.join(missing)}" if missing else "it has a second text encoder (SDXL)"
@@ -71,17 +70,8 @@ def check_controlnet_source(source_dir: Path) -> dict[str, Any]:
 
 def fingerprint_controlnet_source(source_dir: Path, *, weight_format: str) -> str:
     """16 hex chars identifying what a conversion would produce (SD parts and the ControlNet)."""
-    source_dir = Path(source_dir)
-    digest = hashlib.sha256(f"{CONVERTER_VERSION}\0{weight_format}\0".encode())
-    files = _source_files(source_dir)
-    files += sorted((p.relative_to(source_dir).as_posix(), p) for p in (source_dir / "controlnet").rglob("*")
-                    if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"))
-    for rel, file in files:
-        digest.update(f"{rel}\0{file.stat().st_size}\0".encode())
-        with file.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return fingerprint_folders(source_dir, (*SOURCE_COMPONENTS, "controlnet"), version=CONVERTER_VERSION,
+                               weight_format=weight_format)
 
 
 def convert_controlnet(source_dir: Path, out_dir: Path, *, weight_format: WeightFormat = "fp16") -> ConversionResult:
@@ -105,7 +95,7 @@ def convert_controlnet(source_dir: Path, out_dir: Path, *, weight_format: Weight
         for convert in (_convert_text_encoder, _convert_vae, _convert_controlnet_and_unet):
             convert(source_dir, work, compress)
             gc.collect()
-        _replace_dir(work, out_dir)
+        replace_dir(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -15,7 +15,6 @@ No Celery here.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import os
 import shutil
@@ -32,14 +31,14 @@ from workers.convert import (
     _convert_vae,
     _export,
     _module,
-    _replace_dir,
     _save_tokenizer,
+    fingerprint_folders,
+    replace_dir,
 )
 
 # Part of every SDXL fingerprint: bump it when the IR this module writes changes.
 CONVERTER_VERSION = "darkroom-sdxl-ir-1"
 SOURCE_COMPONENTS = ("scheduler", "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae")
-_FINGERPRINT_SUFFIXES = (".json", ".txt", ".safetensors", ".bin", ".model")
 
 
 def check_sdxl_source(source_dir: Path) -> dict[str, Any]:
@@ -57,19 +56,7 @@ def check_sdxl_source(source_dir: Path) -> dict[str, Any]:
 
 def fingerprint_sdxl(source_dir: Path, *, weight_format: str) -> str:
     """16 hex chars identifying what a conversion of `source_dir` would produce."""
-    source_dir = Path(source_dir)
-    digest = hashlib.sha256(f"{CONVERTER_VERSION}\0{weight_format}\0".encode())
-    files = [source_dir / "model_index.json"]
-    for component in SOURCE_COMPONENTS:
-        folder = source_dir / component
-        if folder.is_dir():
-            files += [p for p in folder.rglob("*") if p.is_file() and p.suffix in _FINGERPRINT_SUFFIXES]
-    for rel, file in sorted((p.relative_to(source_dir).as_posix(), p) for p in files):
-        digest.update(f"{rel}\0{file.stat().st_size}\0".encode())
-        with file.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return fingerprint_folders(source_dir, SOURCE_COMPONENTS, version=CONVERTER_VERSION, weight_format=weight_format)
 
 
 def convert_sdxl(source_dir: Path, out_dir: Path, *, weight_format: WeightFormat = "fp16") -> ConversionResult:
@@ -100,7 +87,7 @@ def convert_sdxl(source_dir: Path, out_dir: Path, *, weight_format: WeightFormat
         gc.collect()
         _convert_vae(source_dir, work, compress)
         gc.collect()
-        _replace_dir(work, out_dir)
+        replace_dir(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
