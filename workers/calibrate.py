@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from workers.convert import replace_dir
+from workers.convert import staging
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -126,10 +125,7 @@ def calibrate_sd(fp_ir_dir: Path, out_dir: Path, prompts: Sequence[str], *, mode
                                       device=device)
         gc.collect()  # the recording pipeline's compiled models
     # 2-3. Build the new folder beside the target; only a finished one is renamed into place.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    os.chmod(work, 0o755)  # mkdtemp makes it private; the published folder is an ordinary one
-    try:
+    with staging(out_dir) as work:
         # Everything but the models being replaced: index, tokenizer, scheduler, configs, anything else.
         replaced = {(name, file) for name in plan for file in (MODEL_XML, MODEL_BIN)}
         shutil.copytree(fp_ir_dir, work, dirs_exist_ok=True, ignore=lambda folder, names: [
@@ -138,10 +134,6 @@ def calibrate_sd(fp_ir_dir: Path, out_dir: Path, prompts: Sequence[str], *, mode
         for name, action in plan.items():
             _optimize(core, fp_ir_dir / name / MODEL_XML, work / name / MODEL_XML, action, samples.get(name, ()))
             gc.collect()
-        replace_dir(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     files = tuple(sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file()))
     return CalibrationResult(out_dir=out_dir, mode=mode, samples=len(samples.get("unet", ())),
                              seconds=round(time.perf_counter() - started, 3), files=files)

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,8 +35,10 @@ from workers.convert import (
     _export,
     _module,
     _save_tokenizer,
+    check_weight_format,
+    conversion_result,
     fingerprint_folders,
-    replace_dir,
+    staging,
 )
 
 CONVERTER_VERSION = "darkroom-controlnet-ir-1"
@@ -78,15 +78,10 @@ def convert_controlnet(source_dir: Path, out_dir: Path, *, weight_format: Weight
     """Convert a StableDiffusionControlNetPipeline folder to OpenVINO IR in `out_dir` (replacing it)."""
     started = time.perf_counter()
     source_dir, out_dir = Path(source_dir), Path(out_dir)
-    if weight_format not in ("fp16", "fp32"):
-        raise ValueError(f"weight_format must be 'fp16' or 'fp32', not {weight_format!r}")
+    compress = check_weight_format(weight_format)
     check_controlnet_source(source_dir)
     fingerprint = fingerprint_controlnet_source(source_dir, weight_format=weight_format)
-    compress = weight_format == "fp16"
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    os.chmod(work, 0o755)
-    try:
+    with staging(out_dir) as work:
         shutil.copyfile(source_dir / "model_index.json", work / "model_index.json")
         (work / "scheduler").mkdir()
         shutil.copyfile(source_dir / "scheduler" / "scheduler_config.json",
@@ -95,13 +90,7 @@ def convert_controlnet(source_dir: Path, out_dir: Path, *, weight_format: Weight
         for convert in (_convert_text_encoder, _convert_vae, _convert_controlnet_and_unet):
             convert(source_dir, work, compress)
             gc.collect()
-        replace_dir(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    files = tuple(sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file()))
-    return ConversionResult(out_dir=out_dir, family=FAMILY, fingerprint=fingerprint, files=files,
-                            seconds=round(time.perf_counter() - started, 3))
+    return conversion_result(out_dir, FAMILY, fingerprint, started)
 
 
 def _convert_controlnet_and_unet(source_dir: Path, work: Path, compress: bool) -> None:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,8 +30,10 @@ from workers.convert import (
     _export,
     _module,
     _save_tokenizer,
+    check_weight_format,
+    conversion_result,
     fingerprint_folders,
-    replace_dir,
+    staging,
 )
 
 # Part of every SDXL fingerprint: bump it when the IR this module writes changes.
@@ -63,15 +63,10 @@ def convert_sdxl(source_dir: Path, out_dir: Path, *, weight_format: WeightFormat
     """Convert an SDXL-class diffusers folder to OpenVINO IR in `out_dir` (replacing what is there)."""
     started = time.perf_counter()
     source_dir, out_dir = Path(source_dir), Path(out_dir)
-    if weight_format not in ("fp16", "fp32"):
-        raise ValueError(f"weight_format must be 'fp16' or 'fp32', not {weight_format!r}")
+    compress = check_weight_format(weight_format)
     check_sdxl_source(source_dir)
     fingerprint = fingerprint_sdxl(source_dir, weight_format=weight_format)
-    compress = weight_format == "fp16"
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    os.chmod(work, 0o755)
-    try:
+    with staging(out_dir) as work:
         shutil.copyfile(source_dir / "model_index.json", work / "model_index.json")
         (work / "scheduler").mkdir()
         shutil.copyfile(source_dir / "scheduler" / "scheduler_config.json",
@@ -87,13 +82,7 @@ def convert_sdxl(source_dir: Path, out_dir: Path, *, weight_format: WeightFormat
         gc.collect()
         _convert_vae(source_dir, work, compress)
         gc.collect()
-        replace_dir(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    files = tuple(sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file()))
-    return ConversionResult(out_dir=out_dir, family="sdxl", fingerprint=fingerprint, files=files,
-                            seconds=round(time.perf_counter() - started, 3))
+    return conversion_result(out_dir, "sdxl", fingerprint, started)
 
 
 def _convert_text_encoder(source_dir: Path, work: Path, component: str, compress: bool) -> None:
