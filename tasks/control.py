@@ -22,7 +22,7 @@ from storage import Storage, keys
 from tasks.errors import InvalidRequest
 from tasks.prompts import PromptLine
 from tasks.schemas import MAX_CONTROLNET_SCALE, check_annotator
-from tasks.user_images import UserImage, read_user_image, upload_user_images
+from tasks.user_images import UserImage, read_output_sized_image, upload_user_images
 
 CONTROL_FAMILIES = ("controlnet",)
 
@@ -54,20 +54,9 @@ def resolve_controls(lines: Sequence[PromptLine], *, family: str, model: str, st
             raise InvalidRequest(f"model {model!r} is a ControlNet model: give a control image "
                                  "(--control-image PATH, or a control_image column)", field="control_image",
                                  line=pl.line)
-        path = Path(path_text).expanduser()
-        if not path.is_absolute() and item.control_image is not None and base_dir is not None:
-            path = base_dir / path
-        if path not in read:
-            read[path] = read_user_image(path, field="control_image", line=pl.line)
-        image = read[path]
-        if image.width % 8 or image.height % 8:
-            raise InvalidRequest(f"{path} is {image.width}x{image.height}; both sides must be multiples of 8",
-                                 field="control_image", line=pl.line)
-        want_w, want_h = item.width or width, item.height or height
-        if (want_w is not None and want_w != image.width) or (want_h is not None and want_h != image.height):
-            raise InvalidRequest(f"{path} is {image.width}x{image.height} but the item asks for "
-                                 f"{want_w or image.width}x{want_h or image.height}; give a control image of the "
-                                 "output size (it is not resized)", field="control_image", line=pl.line)
+        image = read_output_sized_image(path_text, from_column=item.control_image is not None, base_dir=base_dir,
+                                        read=read, width=item.width or width, height=item.height or height,
+                                        field="control_image", line=pl.line, what="a control image")
         fields[pl.line] = {
             "control_digest": image.digest, "width": image.width, "height": image.height,
             "annotator": _check_annotator(item.annotator, pl.line) if item.annotator else annotator,

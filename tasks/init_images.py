@@ -21,7 +21,7 @@ from typing import Any
 from storage import Storage, keys
 from tasks.errors import InvalidRequest
 from tasks.prompts import PromptLine
-from tasks.user_images import UserImage, read_user_image, upload_user_images
+from tasks.user_images import UserImage, read_output_sized_image, upload_user_images
 
 IMG2IMG_FAMILIES = ("sd",)
 DEFAULT_STRENGTH = 0.8
@@ -50,20 +50,9 @@ def resolve_init_images(lines: Sequence[PromptLine], *, family: str, model: str,
         if family not in IMG2IMG_FAMILIES:
             raise InvalidRequest(f"model {model!r} is a {family!r} model; image-to-image needs an SD 1.x model "
                                  f"(family {', '.join(IMG2IMG_FAMILIES)})", field="init_image", line=pl.line)
-        path = Path(path_text).expanduser()
-        if not path.is_absolute() and item.init_image is not None and base_dir is not None:
-            path = base_dir / path
-        if path not in read:
-            read[path] = read_user_image(path, field="init_image", line=pl.line)
-        image = read[path]
-        if image.width % 8 or image.height % 8:
-            raise InvalidRequest(f"{path} is {image.width}x{image.height}; both sides must be multiples of 8",
-                                 field="init_image", line=pl.line)
-        want_w, want_h = item.width or width, item.height or height
-        if (want_w is not None and want_w != image.width) or (want_h is not None and want_h != image.height):
-            raise InvalidRequest(f"{path} is {image.width}x{image.height} but the item asks for "
-                                 f"{want_w or image.width}x{want_h or image.height}; give an init image of the "
-                                 "output size (it is not resized)", field="init_image", line=pl.line)
+        image = read_output_sized_image(path_text, from_column=item.init_image is not None, base_dir=base_dir,
+                                        read=read, width=item.width or width, height=item.height or height,
+                                        field="init_image", line=pl.line, what="an init image")
         chosen = item.strength if item.strength is not None else (
             DEFAULT_STRENGTH if strength is None else strength)
         item_steps = item.steps or steps

@@ -54,6 +54,30 @@ def read_user_image(path: Path, *, field: str, line: int | None = None) -> UserI
     return UserImage(hashlib.sha256(data).hexdigest(), out.getvalue(), rgb.size[0], rgb.size[1])
 
 
+def read_output_sized_image(path_text: str, *, from_column: bool, base_dir: Path | None,
+                            read: dict[Path, UserImage], width: int | None, height: int | None, field: str,
+                            line: int, what: str) -> UserImage:
+    """An item's image that is also its output size (control and init images), read once per distinct path.
+
+    A path from the item's own column is relative to `base_dir` (the prompts file's folder); sides must be
+    multiples of 8, and a size the item (or the batch) asks for must be the image's: nothing is resized.
+    """
+    path = Path(path_text).expanduser()
+    if not path.is_absolute() and from_column and base_dir is not None:
+        path = base_dir / path
+    if path not in read:
+        read[path] = read_user_image(path, field=field, line=line)
+    image = read[path]
+    if image.width % 8 or image.height % 8:
+        raise InvalidRequest(f"{path} is {image.width}x{image.height}; both sides must be multiples of 8",
+                             field=field, line=line)
+    if (width is not None and width != image.width) or (height is not None and height != image.height):
+        raise InvalidRequest(f"{path} is {image.width}x{image.height} but the item asks for "
+                             f"{width or image.width}x{height or image.height}; give {what} of the "
+                             "output size (it is not resized)", field=field, line=line)
+    return image
+
+
 def upload_user_images(images: Iterable[UserImage], storage: Storage, key_of: Callable[[str], str]) -> dict[str, str]:
     """Each image's storage URI by digest, uploading it under `key_of(digest)` unless that key already exists
     (content-addressed: an existing key already holds these bytes)."""

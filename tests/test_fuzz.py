@@ -27,11 +27,11 @@ from hypothesis import strategies as st
 from broker.settings import Settings
 from storage import keys, open_storage
 from tasks.errors import InvalidRequest, InvalidRequests
-from tasks.producer import send_jobs, submit, submit_convert
+from tasks.producer import send_jobs, submit
 from tasks.prompts import load_prompts
 from tasks.schemas import GenerateJob, Limits
 from tests.conftest import queue_settings_for, redis_db_url
-from tests.fleet import WorkerProcess, run_cli
+from tests.fleet import WorkerProcess, convert_model, run_cli, running_worker
 
 settings.register_profile("darkroom", derandomize=True, database=None, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -57,18 +57,13 @@ def fuzz_settings(redis_server: object, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture(scope="module")
 def worker(fuzz_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    w = WorkerProcess(fuzz_settings, ["generate.CPU", "convert"], tmp_path_factory.mktemp("logs") / "w.log")
-    try:
-        yield w.start()
-    finally:
-        w.stop()
+    with running_worker(fuzz_settings, ["generate.CPU", "convert"], tmp_path_factory) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")
 def model(worker: WorkerProcess, fuzz_settings: Settings, tiny_sd_dir: Path) -> str:
-    outcome = submit_convert(str(tiny_sd_dir), name="fuzzy", weight_format="fp32",
-                             settings=fuzz_settings).get(timeout=600)
-    assert outcome["status"] == "done", outcome
+    convert_model(fuzz_settings, tiny_sd_dir, "fuzzy")
     return "fuzzy"
 
 

@@ -10,9 +10,9 @@ import pytest
 from broker.settings import Settings
 from storage import keys
 from storage.s3 import S3Storage
-from tasks.producer import submit, submit_convert
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, queue_settings_for, redis_db_url, s3_env
-from tests.fleet import WorkerProcess, run_cli
+from tasks.producer import submit
+from tests.conftest import exported_env, queue_settings_for, redis_db_url, s3_bucket, s3_env
+from tests.fleet import WorkerProcess, convert_model, run_cli, running_worker
 from workers.png import read_png_metadata
 
 BUCKET = "farm"
@@ -20,10 +20,7 @@ BUCKET = "farm"
 
 @pytest.fixture(scope="module")
 def s3(s3_server: object) -> S3Storage:
-    storage = S3Storage(BUCKET, "darkroom", endpoint_url=s3_server.endpoint, access_key=S3_ACCESS_KEY,
-                        secret_key=S3_SECRET_KEY)
-    storage.ensure_bucket()
-    return storage
+    return s3_bucket(s3_server, BUCKET, "darkroom")
 
 
 @pytest.fixture(scope="module")
@@ -33,29 +30,16 @@ def settings(redis_server: object, tmp_path_factory: pytest.TempPathFactory, s3:
 
 
 @pytest.fixture(scope="module")
-def worker(settings: Settings, s3_server: object, tmp_path_factory: pytest.TempPathFactory,
-           monkeypatch_module: pytest.MonkeyPatch) -> Iterator[WorkerProcess]:
-    env = s3_env(s3_server.endpoint)
-    for name, value in env.items():
-        monkeypatch_module.setenv(name, value)  # the producer in this process reads S3 too
-    w = WorkerProcess(settings, ["generate.CPU", "convert"], tmp_path_factory.mktemp("logs") / "w.log",
-                      extra_env=env)
-    try:
-        yield w.start()
-    finally:
-        w.stop()
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
+def worker(settings: Settings, s3_server: object, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[WorkerProcess]:
+    with exported_env(s3_env(s3_server.endpoint)) as env:  # the producer in this process reads S3 too
+        with running_worker(settings, ["generate.CPU", "convert"], tmp_path_factory, extra_env=env) as process:
+            yield process
 
 
 def test_convert_and_generate_through_s3(worker: WorkerProcess, settings: Settings, s3: S3Storage,
                                          tiny_sd_dir: Path) -> None:
-    outcome = submit_convert(str(tiny_sd_dir), name="tiny-s3", settings=settings).get(timeout=600)
-    assert outcome["status"] == "done", outcome
+    outcome = convert_model(settings, tiny_sd_dir, "tiny-s3", weight_format="fp16")
     assert outcome["uri"].startswith(f"s3://{BUCKET}/darkroom/models/tiny-s3/fp16/")
     handle = submit([f"s3 prompt {i}" for i in range(6)], model="tiny-s3", steps=3, seed=21, settings=settings)
     summary = handle.wait(timeout=600)

@@ -23,9 +23,9 @@ from storage import keys
 from storage.s3 import S3Storage
 from tasks.errors import InvalidRequest
 from tasks.names import GENERATE_TASK
-from tasks.producer import submit, submit_convert
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, queue_settings_for, s3_env
-from tests.fleet import WorkerProcess, run_cli
+from tasks.producer import submit
+from tests.conftest import S3_SECRET_KEY, exported_env, queue_settings_for, s3_bucket, s3_env
+from tests.fleet import WorkerProcess, convert_model, run_cli, running_worker
 
 BUCKET = "secure"
 ADMIN_PASSWORD = "sec-admin-Redis-pw-41"
@@ -56,10 +56,7 @@ def worker_url(server: EmbeddedRedis) -> str:
 
 @pytest.fixture(scope="module")
 def s3(s3_server: Any) -> S3Storage:
-    storage = S3Storage(BUCKET, "farm", endpoint_url=s3_server.endpoint, access_key=S3_ACCESS_KEY,
-                        secret_key=S3_SECRET_KEY)
-    storage.ensure_bucket()
-    return storage
+    return s3_bucket(s3_server, BUCKET, "farm")
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +67,7 @@ def sec_settings(secure_redis: EmbeddedRedis, s3: S3Storage, tmp_path_factory: p
 
 @pytest.fixture(scope="module")
 def env(s3_server: Any) -> Iterator[dict[str, str]]:
-    values = s3_env(s3_server.endpoint)
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in values.items():
-            mp.setenv(name, value)  # the producer in this process reads S3 too
+    with exported_env(s3_env(s3_server.endpoint)) as values:  # the producer in this process reads S3 too
         yield values
 
 
@@ -81,19 +75,13 @@ def env(s3_server: Any) -> Iterator[dict[str, str]]:
 def worker(sec_settings: Settings, env: dict[str, str],
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     """A worker that logs in as the ACL user, not as the admin."""
-    w = WorkerProcess(sec_settings, ["generate.CPU", "convert"], tmp_path_factory.mktemp("seclogs") / "w.log",
-                      extra_env=env)
-    try:
-        yield w.start()
-    finally:
-        w.stop()
+    with running_worker(sec_settings, ["generate.CPU", "convert"], tmp_path_factory, extra_env=env) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")
 def model(worker: WorkerProcess, sec_settings: Settings, tiny_sd_dir: Path) -> str:
-    outcome = submit_convert(str(tiny_sd_dir), name="guarded", weight_format="fp32",
-                             settings=sec_settings).get(timeout=600)
-    assert outcome["status"] == "done", outcome
+    convert_model(sec_settings, tiny_sd_dir, "guarded")
     return "guarded"
 
 

@@ -9,14 +9,21 @@ No Celery here.
 
 from __future__ import annotations
 
-import inspect
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from workers.sd import GenerationResult, OVStableDiffusion, _Model, _read_json, _read_static, read_model_index
+from workers.sd import (
+    GenerationResult,
+    OVStableDiffusion,
+    _Model,
+    _read_json,
+    _read_static,
+    read_model_index,
+    step_kwargs,
+)
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -132,12 +139,7 @@ class OVControlNetPipeline(OVStableDiffusion):
 
         assert self._control is not None
         control = np.concatenate([self._control] * 2) if cfg else self._control
-        accepted = inspect.signature(sched.step).parameters
-        extra: dict[str, Any] = {}
-        if "eta" in accepted:
-            extra["eta"] = 0.0
-        if "generator" in accepted:
-            extra["generator"] = generator
+        extra = step_kwargs(sched, generator)
         timestep_dtype = self.unet.input_dtype("timestep")
         residual_inputs = _unet_residual_inputs(len(self.residual_names))
         for t in sched.timesteps:

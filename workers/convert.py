@@ -132,11 +132,7 @@ def convert_sd(source_dir: Path, out_dir: Path, *, weight_format: WeightFormat =
     # 2. Everything goes into a temporary sibling folder; only a finished conversion is renamed into place.
     with staging(out_dir) as work:
         # 3. The small files: pipeline index, scheduler config, tokenizer.
-        shutil.copyfile(source_dir / "model_index.json", work / "model_index.json")
-        (work / "scheduler").mkdir()
-        shutil.copyfile(source_dir / "scheduler" / "scheduler_config.json",
-                        work / "scheduler" / "scheduler_config.json")
-        _save_tokenizer(source_dir / "tokenizer", work / "tokenizer")
+        copy_pipeline_files(source_dir, work)
         if (source_dir / "scorer" / "config.json").is_file():  # a prompt-adherence scorer travels with the IR
             shutil.copytree(source_dir / "scorer", work / "scorer")
         # 4. One model at a time, each freed before the next is loaded (a full fp32 UNet is 3.4 GB). The
@@ -200,6 +196,15 @@ def replace_dir(new: Path, target: Path) -> None:
     new.rename(target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_pipeline_files(source_dir: Path, work: Path, tokenizers: Sequence[str] = ("tokenizer",)) -> None:
+    """The small files every SD-style IR folder carries: model_index.json, the scheduler config, the tokenizers."""
+    shutil.copyfile(source_dir / "model_index.json", work / "model_index.json")
+    (work / "scheduler").mkdir()
+    shutil.copyfile(source_dir / "scheduler" / "scheduler_config.json", work / "scheduler" / "scheduler_config.json")
+    for tokenizer in tokenizers:
+        _save_tokenizer(source_dir / tokenizer, work / tokenizer)
 
 
 def _save_tokenizer(source: Path, target: Path) -> None:

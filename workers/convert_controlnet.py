@@ -34,9 +34,9 @@ from workers.convert import (
     _convert_vae,
     _export,
     _module,
-    _save_tokenizer,
     check_weight_format,
     conversion_result,
+    copy_pipeline_files,
     fingerprint_folders,
     staging,
 )
@@ -82,11 +82,7 @@ def convert_controlnet(source_dir: Path, out_dir: Path, *, weight_format: Weight
     check_controlnet_source(source_dir)
     fingerprint = fingerprint_controlnet_source(source_dir, weight_format=weight_format)
     with staging(out_dir) as work:
-        shutil.copyfile(source_dir / "model_index.json", work / "model_index.json")
-        (work / "scheduler").mkdir()
-        shutil.copyfile(source_dir / "scheduler" / "scheduler_config.json",
-                        work / "scheduler" / "scheduler_config.json")
-        _save_tokenizer(source_dir / "tokenizer", work / "tokenizer")
+        copy_pipeline_files(source_dir, work)
         for convert in (_convert_text_encoder, _convert_vae, _convert_controlnet_and_unet):
             convert(source_dir, work, compress)
             gc.collect()

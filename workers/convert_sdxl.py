@@ -29,9 +29,9 @@ from workers.convert import (
     _convert_vae,
     _export,
     _module,
-    _save_tokenizer,
     check_weight_format,
     conversion_result,
+    copy_pipeline_files,
     fingerprint_folders,
     staging,
 )
@@ -67,12 +67,7 @@ def convert_sdxl(source_dir: Path, out_dir: Path, *, weight_format: WeightFormat
     check_sdxl_source(source_dir)
     fingerprint = fingerprint_sdxl(source_dir, weight_format=weight_format)
     with staging(out_dir) as work:
-        shutil.copyfile(source_dir / "model_index.json", work / "model_index.json")
-        (work / "scheduler").mkdir()
-        shutil.copyfile(source_dir / "scheduler" / "scheduler_config.json",
-                        work / "scheduler" / "scheduler_config.json")
-        for tokenizer in ("tokenizer", "tokenizer_2"):
-            _save_tokenizer(source_dir / tokenizer, work / tokenizer)
+        copy_pipeline_files(source_dir, work, ("tokenizer", "tokenizer_2"))
         # One model at a time, each freed before the next (an SDXL UNet is 10 GB in fp32).
         _convert_text_encoder(source_dir, work, "text_encoder", compress)
         gc.collect()

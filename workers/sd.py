@@ -183,13 +183,7 @@ class OVStableDiffusion:
                  generator: torch.Generator, cfg: bool, timesteps: Any = None) -> torch.Tensor:
         import torch
 
-        # diffusers' prepare_extra_step_kwargs: eta (0.0) for DDIM, the generator for stochastic samplers.
-        accepted = inspect.signature(sched.step).parameters
-        extra: dict[str, Any] = {}
-        if "eta" in accepted:
-            extra["eta"] = 0.0
-        if "generator" in accepted:
-            extra["generator"] = generator
+        extra = step_kwargs(sched, generator)
         timestep_dtype = self.unet.input_dtype("timestep")
         # Image-to-image starts part-way: `timesteps` is then the tail of the schedule (workers/img2img.py).
         for t in sched.timesteps if timesteps is None else timesteps:
@@ -213,6 +207,17 @@ class OVStableDiffusion:
         # diffusers' VaeImageProcessor: denormalize, clamp, NHWC float, then numpy_to_pil's rounding.
         image = (torch.from_numpy(decoded) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().numpy()
         return (image[0] * 255).round().astype(np.uint8)
+
+
+def step_kwargs(sched: Any, generator: torch.Generator) -> dict[str, Any]:
+    """diffusers' prepare_extra_step_kwargs: eta (0.0) for DDIM, the generator for stochastic samplers."""
+    accepted = inspect.signature(sched.step).parameters
+    extra: dict[str, Any] = {}
+    if "eta" in accepted:
+        extra["eta"] = 0.0
+    if "generator" in accepted:
+        extra["generator"] = generator
+    return extra
 
 
 def _read_static(core: ov.Core, folder: Path, shapes: dict[str, list[int]]) -> ov.Model:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from workers.sd import OVStableDiffusion, _Model, _read_json, _read_static, read_model_index
+from workers.sd import OVStableDiffusion, _Model, _read_json, _read_static, read_model_index, step_kwargs
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -106,19 +106,12 @@ class OVStableDiffusionXL(OVStableDiffusion):
 
     def _denoise(self, sched: Any, latents: torch.Tensor, context: Any, guidance_scale: float,
                  generator: torch.Generator, cfg: bool) -> torch.Tensor:
-        import inspect
-
         import torch
 
         hidden, pooled = context
         time_ids = np.asarray([[self.height, self.width, 0, 0, self.height, self.width]] * hidden.shape[0],
                               dtype=np.float32)
-        accepted = inspect.signature(sched.step).parameters
-        extra: dict[str, Any] = {}
-        if "eta" in accepted:
-            extra["eta"] = 0.0
-        if "generator" in accepted:
-            extra["generator"] = generator
+        extra = step_kwargs(sched, generator)
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(0)
         timestep_dtype = self.unet.input_dtype("timestep")
