@@ -35,6 +35,9 @@ def main() -> None:
     parser.add_argument("model", type=Path, help="a demo-model diffusers folder (with scorer/)")
     parser.add_argument("--guidance", type=float, default=6.0)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-seed", type=int, default=BATCH_SEED,
+                        help=f"the batch seed the images' seeds derive from (default {BATCH_SEED}, the test's grid; "
+                             "another value gives a held-out set of seeds)")
     parser.add_argument("--sheet", type=Path, help="write the 48 images as a contact sheet here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -42,9 +45,10 @@ def main() -> None:
         pipe = OVStableDiffusion.load(Path(ir), width=64, height=64, cfg=True)
         prompts = [p for p in shapes.grid_prompts() for _ in range(IMAGES_PER_PROMPT)]
         images = [np.asarray(pipe.generate(p, steps=args.steps, guidance_scale=args.guidance, scheduler="pndm",
-                                           seed=derive_seed(BATCH_SEED, i)).image) for i, p in enumerate(prompts)]
+                                           seed=derive_seed(args.batch_seed, i)).image) for i, p in enumerate(prompts)]
     result = summarise(judge(images, prompts, ShapeClassifier(args.model / "scorer")))
-    print(f"accuracy {result['accuracy']}% ({result['correct']}/{result['scored']}), guidance {args.guidance}")
+    print(f"accuracy {result['accuracy']}% ({result['correct']}/{result['scored']}), guidance {args.guidance}, "
+          f"batch seed {args.batch_seed}")
     print(json.dumps({k: v["accuracy"] for k, v in result["per_prompt"].items()}))
     print("wrong:", [(i["prompt"], i["seen"]) for i in result["items"] if not i["correct"]])
     if args.sheet:

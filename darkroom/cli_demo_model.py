@@ -17,6 +17,8 @@ def add_demo_model_commands(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, help="train exactly this many VAE steps instead of by time")
     p.add_argument("--unet-steps", type=int, help="train exactly this many UNet steps instead of by time")
+    p.add_argument("--vae-from", metavar="MODEL",
+                   help="use this pipeline's VAE (a folder or repo id) as it is and train only the UNet on it")
     p.add_argument("--unet-cooldown-steps", type=int, default=0,
                    help="with --unet-steps: the last N steps lower the learning rate linearly to zero")
     p.add_argument("--scorer-steps", type=int, default=300)
@@ -45,7 +47,7 @@ def cmd_train_demo_model(args: argparse.Namespace) -> int:
 
     config = TrainConfig(seed=args.seed, minutes=args.minutes, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
                          unet_cooldown_steps=args.unet_cooldown_steps, scorer_steps=args.scorer_steps,
-                         pool_size=args.pool_size, threads=args.threads)
+                         pool_size=args.pool_size, threads=args.threads, vae_from=args.vae_from)
     with Progress(TextColumn("{task.description:<7}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[metrics]}")) as bar:
         tasks: dict[str, Any] = {}
@@ -56,8 +58,12 @@ def cmd_train_demo_model(args: argparse.Namespace) -> int:
             shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
             bar.update(tasks[stage], completed=step, metrics=shown)
 
-        record = train_demo_model(Path(args.out), config, progress)
-    print(f"saved {args.out}: vae {record['vae']['steps']} steps ({record['vae']['psnr_db']} dB), "
+        try:
+            record = train_demo_model(Path(args.out), config, progress)
+        except ValueError as exc:  # a --vae-from that holds no usable VAE
+            return fail("--vae-from" + str(exc).removeprefix("vae_from"), EXIT_INVALID)
+    vae = f"from {args.vae_from}" if args.vae_from else f"{record['vae']['steps']} steps"
+    print(f"saved {args.out}: vae {vae} ({record['vae']['psnr_db']} dB), "
           f"unet {record['unet']['steps']} steps, {record['vae']['seconds'] + record['unet']['seconds']:.0f} s")
     return 0
 

@@ -54,6 +54,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     keep_checkpoints: bool = False  # leave out/checkpoints/ after saving (a later run may go on from them)
+    vae_from: str | None = None  # a pipeline folder or repo id whose VAE to use as it is (no VAE training)
 
 
 def _stage_seed(seed: int, stage: str, step: int = 0) -> int:
@@ -246,6 +247,27 @@ def train_vae(out: Path, config: TrainConfig, pool: np.ndarray, progress: Progre
         state = {"step": step, "elapsed": elapsed, "model": vae.state_dict(), "optimizer": optimizer.state_dict(),
                  "done": True}
         ckpt.save("vae", state)
+    return vae, vae_record(vae, pool, steps=state["step"], seconds=state["elapsed"])
+
+
+def load_vae(source: str) -> Any:
+    """A trained demo VAE from a pipeline folder or repo id (its `vae/`), in fp32 for training the UNet on it."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"vae_from {source!r}: no loadable vae/ there ({exc})") from exc
+    if vae.config.latent_channels != 4 or len(vae.config.block_out_channels) != 4:
+        raise ValueError(f"vae_from {source!r}: the demo UNet needs 4 latent channels and 8x downsampling")
+    return vae
+
+
+def vae_record(vae: Any, pool: np.ndarray, *, steps: int, seconds: float) -> dict[str, Any]:
+    """Freeze a trained VAE, set its latent scale from the pool and measure its PSNR; returns its record."""
+    import torch
+
     vae.eval().requires_grad_(False)
     # The latents' scale, so that SD's pipeline sees unit-variance latents (SD 1.x's 0.18215 in miniature).
     with torch.no_grad():
@@ -254,8 +276,8 @@ def train_vae(out: Path, config: TrainConfig, pool: np.ndarray, progress: Progre
     with torch.no_grad():
         x = _to_tensor(pool[-256:])
         psnr = float(10 * torch.log10(4.0 / torch.nn.functional.mse_loss(vae(x).sample.clamp(-1, 1), x)))
-    return vae, {"steps": state["step"], "seconds": round(state["elapsed"], 1), "psnr_db": round(psnr, 2),
-                 "scaling_factor": vae.config.scaling_factor}
+    return {"steps": steps, "seconds": round(seconds, 1), "psnr_db": round(psnr, 2),
+            "scaling_factor": vae.config.scaling_factor}
 
 
 def _caption_table(encoder: Any, tokenizer: Any) -> tuple[list[str], torch.Tensor]:
@@ -350,8 +372,8 @@ def train_unet(out: Path, config: TrainConfig, pool: np.ndarray, scenes: list[sh
 def train_demo_model(out: Path, config: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Train everything into `out` (resuming from its checkpoints) and save the pipeline; returns the record."""
     import torch
-    from diffusers import StableDiffusionPipeline
 
+    given_vae = load_vae(config.vae_from) if config.vae_from is not None else None  # a bad source fails before any work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.use_deterministic_algorithms(True)
@@ -359,9 +381,26 @@ def train_demo_model(out: Path, config: TrainConfig, progress: Progress | None =
     record: dict[str, Any] = {"config": asdict(config), "torch": torch.__version__}
     record["scorer"] = train_scorer(out, config, progress)
     pool, scenes = shapes.make_dataset(config.pool_size, _stage_seed(config.seed, "pool"))
-    vae, record["vae"] = train_vae(out, config, pool, progress)
+    if given_vae is None:
+        vae, record["vae"] = train_vae(out, config, pool, progress)
+    else:
+        vae, record["vae"] = given_vae, {"from": config.vae_from, **vae_record(given_vae, pool, steps=0, seconds=0.0)}
     encoder, tokenizer = build_text_side(config.seed)
     unet, record["unet"] = train_unet(out, config, pool, scenes, vae, encoder, tokenizer, progress)
+    record["parameters"] = save_pipeline(out, vae, encoder, tokenizer, unet)
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    if not config.keep_checkpoints:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return record
+
+
+def save_pipeline(out: Path, vae: Any, encoder: Any, tokenizer: Any, unet: Any) -> dict[str, int]:
+    """Save the parts as an fp16 StableDiffusionPipeline folder in `out`; returns their parameter counts.
+
+    The modules are cast to fp16 in place: pass copies if training goes on with them."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
@@ -373,9 +412,5 @@ def train_demo_model(out: Path, config: TrainConfig, progress: Progress | None =
     scheduler_config = json.loads(config_path.read_text(encoding="utf-8"))
     config_path.write_text(json.dumps({**scheduler_config, "clip_sample": False}, indent=2, sort_keys=True) + "\n",
                            encoding="utf-8")
-    record["parameters"] = {name: sum(p.numel() for p in module.parameters())
-                            for name, module in (("vae", vae), ("text_encoder", encoder), ("unet", unet))}
-    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    if not config.keep_checkpoints:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    return record
+    return {name: sum(p.numel() for p in module.parameters())
+            for name, module in (("vae", vae), ("text_encoder", encoder), ("unet", unet))}
