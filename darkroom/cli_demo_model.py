@@ -41,6 +41,8 @@ def cmd_train_demo_model(args: argparse.Namespace) -> int:
     if args.unet_cooldown_steps and (args.unet_steps is None or not 0 < args.unet_cooldown_steps <= args.unet_steps):
         return fail(f"--unet-cooldown-steps {args.unet_cooldown_steps} needs --unet-steps and must lie in "
                     f"1..--unet-steps", EXIT_INVALID)
+    if args.vae_from and args.vae_steps:
+        return fail("--vae-from uses that VAE as it is: leave out --vae-steps", EXIT_INVALID)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from workers.demo_model.train import TrainConfig, train_demo_model

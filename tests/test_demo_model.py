@@ -103,13 +103,16 @@ def test_a_unet_trains_on_a_given_vae_which_is_kept_as_it_is(tmp_path: Path) -> 
     assert record["vae"]["psnr_db"] > 20  # a trained VAE, not a random one
     vae = "vae/diffusion_pytorch_model.safetensors"
     assert (out / vae).read_bytes() == (shipped_model_dir() / vae).read_bytes()
+    shipped_scale = json.loads((shipped_model_dir() / "vae" / "config.json").read_text())["scaling_factor"]
+    assert record["vae"]["scaling_factor"] == shipped_scale
     assert record["unet"]["steps"] == 4 and not (out / "checkpoints" / "vae.pt").exists()
 
 
 def test_a_vae_from_without_a_vae_is_refused_before_any_work(tmp_path: Path) -> None:
-    done = run_cli("train-demo-model", str(tmp_path / "out"), "--vae-from", str(tmp_path))
-    assert done.returncode != 0 and "--vae-from" in done.stderr and "Traceback" not in done.stderr, done.stderr
-    assert not (tmp_path / "out").exists()
+    for extra in ([], ["--vae-steps", "10"]):
+        done = run_cli("train-demo-model", str(tmp_path / "out"), "--vae-from", str(tmp_path), *extra)
+        assert done.returncode != 0 and "--vae-from" in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert not (tmp_path / "out").exists()
 
 
 # Measured 2026-12-03: the shipped weights (VAE 5000 steps, UNet 10000) score 93.8% on this grid (45 of 48; the

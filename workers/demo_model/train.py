@@ -264,15 +264,16 @@ def load_vae(source: str) -> Any:
     return vae
 
 
-def vae_record(vae: Any, pool: np.ndarray, *, steps: int, seconds: float) -> dict[str, Any]:
-    """Freeze a trained VAE, set its latent scale from the pool and measure its PSNR; returns its record."""
+def vae_record(vae: Any, pool: np.ndarray, *, steps: int, seconds: float, set_scale: bool = True) -> dict[str, Any]:
+    """Freeze a trained VAE, set its latent scale from the pool (unless a given VAE keeps its own) and measure its
+    PSNR; returns its record."""
     import torch
 
     vae.eval().requires_grad_(False)
-    # The latents' scale, so that SD's pipeline sees unit-variance latents (SD 1.x's 0.18215 in miniature).
-    with torch.no_grad():
-        probe = vae.encode(_to_tensor(pool[:512])).latent_dist.mean
-    vae.register_to_config(scaling_factor=round(float(1.0 / probe.std()), 5))
+    if set_scale:  # so that SD's pipeline sees unit-variance latents (SD 1.x's 0.18215 in miniature)
+        with torch.no_grad():
+            probe = vae.encode(_to_tensor(pool[:512])).latent_dist.mean
+        vae.register_to_config(scaling_factor=round(float(1.0 / probe.std()), 5))
     with torch.no_grad():
         x = _to_tensor(pool[-256:])
         psnr = float(10 * torch.log10(4.0 / torch.nn.functional.mse_loss(vae(x).sample.clamp(-1, 1), x)))
@@ -384,7 +385,8 @@ def train_demo_model(out: Path, config: TrainConfig, progress: Progress | None =
     if given_vae is None:
         vae, record["vae"] = train_vae(out, config, pool, progress)
     else:
-        vae, record["vae"] = given_vae, {"from": config.vae_from, **vae_record(given_vae, pool, steps=0, seconds=0.0)}
+        vae = given_vae
+        record["vae"] = {"from": config.vae_from, **vae_record(vae, pool, steps=0, seconds=0.0, set_scale=False)}
     encoder, tokenizer = build_text_side(config.seed)
     unet, record["unet"] = train_unet(out, config, pool, scenes, vae, encoder, tokenizer, progress)
     record["parameters"] = save_pipeline(out, vae, encoder, tokenizer, unet)
