@@ -18,7 +18,8 @@ def add_demo_model_commands(sub: Any) -> None:
     p.add_argument("--vae-steps", type=int, help="train exactly this many VAE steps instead of by time")
     p.add_argument("--unet-steps", type=int, help="train exactly this many UNet steps instead of by time")
     p.add_argument("--vae-from", metavar="MODEL",
-                   help="use this pipeline's VAE (a folder or repo id) as it is and train only the UNet on it")
+                   help="use this pipeline's VAE (a folder or repo id) as it is and train only the UNet on it "
+                        "(--minutes then all go to the UNet)")
     p.add_argument("--unet-cooldown-steps", type=int, default=0,
                    help="with --unet-steps: the last N steps lower the learning rate linearly to zero")
     p.add_argument("--scorer-steps", type=int, default=300)
@@ -45,7 +46,7 @@ def cmd_train_demo_model(args: argparse.Namespace) -> int:
         return fail("--vae-from uses that VAE as it is: leave out --vae-steps", EXIT_INVALID)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from workers.demo_model.train import TrainConfig, train_demo_model
+    from workers.demo_model.train import TrainConfig, VaeSourceError, train_demo_model
 
     config = TrainConfig(seed=args.seed, minutes=args.minutes, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
                          unet_cooldown_steps=args.unet_cooldown_steps, scorer_steps=args.scorer_steps,
@@ -62,7 +63,7 @@ def cmd_train_demo_model(args: argparse.Namespace) -> int:
 
         try:
             record = train_demo_model(Path(args.out), config, progress)
-        except ValueError as exc:  # a --vae-from that holds no usable VAE
+        except VaeSourceError as exc:
             return fail("--vae-from" + str(exc).removeprefix("vae_from"), EXIT_INVALID)
     vae = f"from {args.vae_from}" if args.vae_from else f"{record['vae']['steps']} steps"
     print(f"saved {args.out}: vae {vae} ({record['vae']['psnr_db']} dB), "

@@ -57,6 +57,10 @@ class TrainConfig:
     vae_from: str | None = None  # a pipeline folder or repo id whose VAE to use as it is (no VAE training)
 
 
+class VaeSourceError(ValueError):
+    """`vae_from` names no VAE the demo UNet can train on (a user error: the message names the source)."""
+
+
 def _stage_seed(seed: int, stage: str, step: int = 0) -> int:
     return int(np.random.default_rng([seed, sum(map(ord, stage)), step]).integers(0, 2**62))
 
@@ -258,9 +262,9 @@ def load_vae(source: str) -> Any:
     try:
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"vae_from {source!r}: no loadable vae/ there ({exc})") from exc
+        raise VaeSourceError(f"vae_from {source!r}: no loadable vae/ there ({exc})") from exc
     if vae.config.latent_channels != 4 or len(vae.config.block_out_channels) != 4:
-        raise ValueError(f"vae_from {source!r}: the demo UNet needs 4 latent channels and 8x downsampling")
+        raise VaeSourceError(f"vae_from {source!r}: the demo UNet needs 4 latent channels and 8x downsampling")
     return vae
 
 
@@ -361,9 +365,10 @@ def train_unet(out: Path, config: TrainConfig, pool: np.ndarray, scenes: list[sh
         ckpt.save("unet", {"step": step, "elapsed": elapsed, "model": unet.state_dict(), "ema": ema.state_dict(),
                            "optimizer": optimizer.state_dict(), "done": done})
 
+    share = 1.0 if config.vae_from else 1 - VAE_SHARE  # a given VAE leaves the UNet the whole time budget
     if _unfinished(state, config.unet_steps):
         step, elapsed = _loop("unet", step=state["step"], steps=config.unet_steps,
-                              budget=config.minutes * 60 * (1 - VAE_SHARE), elapsed=state["elapsed"],
+                              budget=config.minutes * 60 * share, elapsed=state["elapsed"],
                               train_step=train_step, save=save, progress=progress)
         save(step, elapsed, done=True)
         state = {"step": step, "elapsed": elapsed}
