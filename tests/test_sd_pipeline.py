@@ -15,7 +15,7 @@ import pytest
 
 from tasks.names import SCHEDULER_NAMES
 from workers.convert import convert_sd
-from workers.schedulers import make_scheduler
+from workers.schedulers import make_scheduler, native_scheduler
 from workers.sd import GenerationResult, OVStableDiffusion
 
 PROMPT = "a dog wearing hat"
@@ -173,3 +173,22 @@ def test_scheduler_names_map_to_diffusers_schedulers(model_dirs: dict[str, Path]
     assert make_scheduler("euler", config).config.beta_schedule == "scaled_linear"
     with pytest.raises(ValueError, match="pndm, ddim, lms"):
         make_scheduler("k-euler", config)
+    # PNDM asked of a model that ships another scheduler is SD's PNDM (no Runge-Kutta warm-up), at any step count;
+    # a model's own PNDM config keeps its say.
+    euler_config = dict(make_scheduler("euler-a", config).config)
+    pndm, own = make_scheduler("pndm", euler_config), make_scheduler("pndm", config)
+    pndm.set_timesteps(3)
+    own.set_timesteps(3)
+    assert pndm.config.skip_prk_steps and pndm.timesteps.tolist() == own.timesteps.tolist()
+    assert not make_scheduler("pndm", {**config, "skip_prk_steps": False}).config.skip_prk_steps
+
+
+def test_a_model_s_own_scheduler_is_its_default(tmp_path: Path) -> None:
+    import json
+
+    # Every name round-trips through the class a diffusers folder saves; an unknown class falls back to SD's PNDM.
+    for name in [*SCHEDULER_NAMES, None]:
+        class_name = type(make_scheduler(name, {})).__name__ if name else "FlowMatchEulerDiscreteScheduler"
+        (tmp_path / "scheduler").mkdir(exist_ok=True)
+        (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": class_name}))
+        assert native_scheduler(tmp_path) == (name or "pndm"), class_name

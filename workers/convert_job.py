@@ -17,12 +17,7 @@ from tasks.errors import InvalidRequest, TransientError
 from tasks.models import default_of, set_default
 from tasks.schemas import ConvertJob, invalid_from_validation
 from workers.runtime import WorkerRuntime
-
-SCHEDULER_BY_CLASS = {
-    "PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "LMSDiscreteScheduler": "lms",
-    "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler-a",
-    "UniPCMultistepScheduler": "unipc", "DPMSolverMultistepScheduler": "dpm++2m",
-}
+from workers.schedulers import native_scheduler
 
 
 def run_convert(payload: object, runtime: WorkerRuntime) -> dict[str, Any]:
@@ -104,9 +99,7 @@ def model_defaults(ir_dir: Path, family: str = "sd") -> dict[str, Any]:
         return {"width": DEFAULT_SIDE, "height": DEFAULT_SIDE, "scheduler": SCHEDULER}
     unet = json.loads((ir_dir / "unet" / "config.json").read_text())
     vae = json.loads((ir_dir / "vae_decoder" / "config.json").read_text())
-    scheduler = json.loads((ir_dir / "scheduler" / "scheduler_config.json").read_text())
     scale = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
     sample = unet.get("sample_size", 64)
     side = (sample if isinstance(sample, int) else sample[0]) * scale
-    return {"width": side, "height": side,
-            "scheduler": SCHEDULER_BY_CLASS.get(scheduler.get("_class_name", ""), "pndm")}
+    return {"width": side, "height": side, "scheduler": native_scheduler(ir_dir)}

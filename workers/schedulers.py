@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.names import SCHEDULER_NAMES
@@ -21,6 +23,22 @@ _SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     # "DPM++ 2M" is DPM-Solver++ of order 2; a model shipped with another DPM variant must not change that.
     "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
 }
+# name -> settings used where the model's config does not say (it ships another class). PNDM as SD ships it: without
+# skip_prk_steps, diffusers' PNDM runs Runge-Kutta warm-up steps and fails below 4 steps.
+_DEFAULTS: dict[str, dict[str, Any]] = {"pndm": {"skip_prk_steps": True}}
+
+# A model folder's scheduler class -> the name requests use: a model's own scheduler is its default.
+SCHEDULER_BY_CLASS = {
+    "PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "LMSDiscreteScheduler": "lms",
+    "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler-a",
+    "UniPCMultistepScheduler": "unipc", "DPMSolverMultistepScheduler": "dpm++2m",
+}
+
+
+def native_scheduler(model_dir: Path) -> str:
+    """The scheduler name of the class a model (diffusers or IR folder) ships; PNDM, SD's own, if unknown."""
+    config = json.loads((Path(model_dir) / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    return SCHEDULER_BY_CLASS.get(config.get("_class_name", ""), "pndm")
 
 
 def make_scheduler(name: str, config: Mapping[str, Any]) -> SchedulerMixin:
@@ -30,5 +48,6 @@ def make_scheduler(name: str, config: Mapping[str, Any]) -> SchedulerMixin:
     import diffusers
 
     class_name, overrides = _SCHEDULERS[name]
-    # from_config ignores keys another scheduler class wrote (e.g. PNDM's skip_prk_steps) instead of failing.
-    return getattr(diffusers, class_name).from_config(dict(config), **overrides)
+    # from_config ignores keys another scheduler class wrote (e.g. PNDM's skip_prk_steps) instead of failing; the
+    # defaults fill what a config of another class lacks.
+    return getattr(diffusers, class_name).from_config({**_DEFAULTS.get(name, {}), **config}, **overrides)
