@@ -28,11 +28,7 @@ _SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 _DEFAULTS: dict[str, dict[str, Any]] = {"pndm": {"skip_prk_steps": True}}
 
 # A model folder's scheduler class -> the name requests use: a model's own scheduler is its default.
-SCHEDULER_BY_CLASS = {
-    "PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "LMSDiscreteScheduler": "lms",
-    "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler-a",
-    "UniPCMultistepScheduler": "unipc", "DPMSolverMultistepScheduler": "dpm++2m",
-}
+SCHEDULER_BY_CLASS = {class_name: name for name, (class_name, _) in _SCHEDULERS.items()}
 
 
 def native_scheduler(model_dir: Path) -> str:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 # rendered with the model's own scheduler (what its users get by default).
 # Why 480: a harmless change of arithmetic (bf16 instead of f32) flips 2-5% of the images, either way. On 96
 # images that noise alone put weights-int8 4.2 points below FP32; on 480 it measured 0.6 points (bf16: 1.0), so
-# the default 2-point margin decides on drift, not on noise (2026-12-03; numbers in the demo model's README).
+# the default 2-point margin decides on drift, not on noise (2026-12-03, with PNDM; numbers in the demo model's README).
 ADHERENCE_SEEDS = tuple(range(1000, 1040))
 ADHERENCE_STEPS = 20
 ADHERENCE_GUIDANCE = 6.0
