@@ -22,9 +22,11 @@ if TYPE_CHECKING:
 
 # The fixed set: every grid prompt with 40 seeds (480 images), 20 steps, guidance 6, 64x64 (the demo model's size),
 # rendered with the model's own scheduler (what its users get by default).
-# Why 480: a harmless change of arithmetic (bf16 instead of f32) flips 2-5% of the images, either way. On 96
-# images that noise alone put weights-int8 4.2 points below FP32; on 480 it measured 0.6 points (bf16: 1.0), so
-# the default 2-point margin decides on drift, not on noise (2026-12-03, with PNDM; numbers in the demo model's README).
+# Why 480: with PNDM a harmless change of arithmetic (bf16 instead of f32) flipped 2-5% of the images, either way.
+# On 96 images that noise alone put weights-int8 4.2 points below FP32; on 480 it measured 0.6 points (bf16: 1.0),
+# so the default 2-point margin decides on drift, not on noise. With Euler-a, the demo model's scheduler now, bf16
+# flips none of the 480; the set stays this size for models whose sampler is as sensitive as PNDM (2026-12-03;
+# numbers in the demo model's README, from bench/gate_noise.py).
 ADHERENCE_SEEDS = tuple(range(1000, 1040))
 ADHERENCE_STEPS = 20
 ADHERENCE_GUIDANCE = 6.0
