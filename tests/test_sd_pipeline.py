@@ -181,6 +181,11 @@ def test_scheduler_names_map_to_diffusers_schedulers(model_dirs: dict[str, Path]
     own.set_timesteps(3)
     assert pndm.config.skip_prk_steps and pndm.timesteps.tolist() == own.timesteps.tolist()
     assert not make_scheduler("pndm", {**config, "skip_prk_steps": False}).config.skip_prk_steps
+    # DDIM asked of such a model does not clip latents to an image's range (diffusers' own DDIM default does).
+    bare_config = {k: v for k, v in euler_config.items() if k not in ("clip_sample", "set_alpha_to_one")}
+    ddim = make_scheduler("ddim", bare_config)
+    assert not ddim.config.clip_sample and not ddim.config.set_alpha_to_one
+    assert make_scheduler("ddim", {**bare_config, "clip_sample": True}).config.clip_sample
 
 
 def test_a_model_s_own_scheduler_is_its_default(tmp_path: Path) -> None:

@@ -23,9 +23,13 @@ _SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     # "DPM++ 2M" is DPM-Solver++ of order 2; a model shipped with another DPM variant must not change that.
     "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
 }
-# name -> settings used where the model's config does not say (it ships another class). PNDM as SD ships it: without
-# skip_prk_steps, diffusers' PNDM runs Runge-Kutta warm-up steps and fails below 4 steps.
-_DEFAULTS: dict[str, dict[str, Any]] = {"pndm": {"skip_prk_steps": True}}
+# name -> settings used where the model's config does not say (it ships another class): these schedulers as SD ships
+# them. Without skip_prk_steps, diffusers' PNDM runs Runge-Kutta warm-up steps and fails below 4 steps; DDIM's own
+# defaults clip the predicted sample to [-1, 1], which is an image's range, not a latent's (SD's reach about +-4).
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pndm": {"skip_prk_steps": True},
+    "ddim": {"clip_sample": False, "set_alpha_to_one": False},
+}
 
 # A model folder's scheduler class -> the name requests use: a model's own scheduler is its default.
 SCHEDULER_BY_CLASS = {class_name: name for name, (class_name, _) in _SCHEDULERS.items()}

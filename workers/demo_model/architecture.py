@@ -5,7 +5,6 @@ Training (train.py) builds these and fits the VAE and UNet; the text encoder sta
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -79,9 +78,5 @@ def save_pipeline(out: Path, vae: Any, encoder: Any, tokenizer: Any, unet: Any) 
     for name in ("vae", "text_encoder", "unet", "tokenizer", "scheduler"):
         shutil.rmtree(out / name, ignore_errors=True)
     pipeline.save_pretrained(out, safe_serialization=True)
-    config_path = out / "scheduler" / "scheduler_config.json"
-    scheduler_config = json.loads(config_path.read_text(encoding="utf-8"))
-    config_path.write_text(json.dumps({**scheduler_config, "clip_sample": False}, indent=2, sort_keys=True) + "\n",
-                           encoding="utf-8")
     return {name: sum(p.numel() for p in module.parameters())
             for name, module in (("vae", vae), ("text_encoder", encoder), ("unet", unet))}
