@@ -4,7 +4,8 @@ Run: nice -n 5 .venv/bin/python bench/cold_start.py --variant sd15 --size 256 --
 (the first run builds and converts the full-size random-weight model under /tmp/darkroom-bench-models.)
 
 Real parts: an embedded Redis, SeaweedFS S3 storage, real `darkroom worker` processes. Priming workers render
-one image first, which compiles the model and pushes OpenVINO's compiled blobs to storage (workers/blob_cache.py):
+one image first, which compiles the model and pushes OpenVINO's compiled blobs to storage
+(workers/runtime/blob_cache.py):
 one with the weightless cache workers use on CPU (CACHE_MODE=OPTIMIZE_SIZE: blobs without weights), one with
 DARKROOM_WEIGHTLESS_CACHE=0 (full blobs, as big as the IR: the mode before). Then, per round, in rotating
 order, one image is queued and a worker process is started:
@@ -43,7 +44,7 @@ FULL_BLOBS = {"DARKROOM_WEIGHTLESS_CACHE": "0"}
 
 
 def cold_run(rig: Any, scenario: str, args: argparse.Namespace, round_no: int) -> dict[str, Any]:
-    from tasks.producer import submit
+    from darkroom import submit
 
     queue = f"cold-{scenario}-{round_no}"
     full = scenario.endswith("-full")

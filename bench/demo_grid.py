@@ -20,7 +20,7 @@ from tasks.seeds import derive_seed  # noqa: E402
 from workers.demo_model import shapes  # noqa: E402
 from workers.demo_model.adherence import sheet  # noqa: E402
 from workers.demo_model.scorer import ShapeClassifier, judge, summarise  # noqa: E402
-from workers.schedulers import native_scheduler  # noqa: E402
+from workers.pipelines.schedulers import native_scheduler  # noqa: E402
 
 BATCH_SEED = 2026
 IMAGES_PER_PROMPT = 4
@@ -29,8 +29,8 @@ IMAGES_PER_PROMPT = 4
 def main() -> None:
     import numpy as np
 
-    from workers.convert import convert_sd
-    from workers.sd import OVStableDiffusion
+    from workers.convert.sd import convert_sd
+    from workers.pipelines.sd import OVStableDiffusion
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path, help="a demo-model diffusers folder (with scorer/)")

@@ -3,7 +3,7 @@
 No hub here, so the models are built from the published configs: SD-1.5's UNet (or BK-SDM-Small's: no mid block,
 one layer per down block), SD's VAE (AutoencoderKL, 83 M parameters) and CLIP ViT-L/14's text encoder (123 M),
 with darkroom's CLIP tokenizer and SD-1.5's PNDM scheduler. They are saved as a diffusers folder and converted
-by darkroom's own converter (workers/convert.py, FP16 weights), once per work directory: a later run reuses them.
+by darkroom's own converter (workers/convert/sd.py, FP16 weights), once per work directory: a later run reuses them.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def build_source(out_dir: Path, variant: Variant) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from workers.tiny_models import _save_pipeline, clip_tokenizer
+    from testkit.tiny_models import _save_pipeline
+    from workers.demo_model.clip_vocab import clip_tokenizer
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -72,7 +73,7 @@ def build_source(out_dir: Path, variant: Variant) -> Path:
 
 def fullsize_model(variant: Variant, work: Path = DEFAULT_WORK) -> tuple[Path, Path]:
     """(diffusers source folder, darkroom IR folder) for `variant`, built and converted on first use."""
-    from workers.convert import convert_sd
+    from workers.convert.sd import convert_sd
 
     source = work / variant / "source"
     ir = work / variant / "ir"

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import workers.demo_model.adherence as adherence  # noqa: E402
-from workers.calibrate import calibrate_sd  # noqa: E402
+from workers.calibrate.quantize import calibrate_sd  # noqa: E402
 from workers.demo_model.scorer import find_scorer  # noqa: E402
 
 CALIBRATION_PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]

@@ -87,7 +87,7 @@ def build_and_convert(xml: Path) -> dict[str, float]:
         def forward(self, sample: torch.Tensor, timestep: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
             return self.unet(sample, timestep, encoder_hidden_states=states, return_dict=False)[0]
 
-    # As workers/convert.py does: traced at a latent side that is not a multiple of 8 (general upsampling path),
+    # As workers/convert/sd.py does: traced at a latent side that is not a multiple of 8 (general upsampling path),
     # float32 timestep of shape [?], dynamic batch and spatial sizes.
     example = (torch.randn(BATCH, 4, 9, 9), torch.tensor([999.0]), torch.randn(BATCH, TEXT_TOKENS, CONTEXT))
     shapes = [ov.PartialShape([-1, 4, -1, -1]), ov.PartialShape([-1]), ov.PartialShape([-1, -1, CONTEXT])]
@@ -119,7 +119,7 @@ def calibration_samples(count: int, latent: int) -> list[dict[str, np.ndarray]]:
 
 
 def quantize(fp_xml: Path, int8_xml: Path, samples: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    """darkroom's recipe (workers/calibrate.py) on the UNet IR; wall time and peak RSS of the quantize call."""
+    """darkroom's recipe (workers/calibrate/quantize.py) on the UNet IR; wall time and peak RSS of the quantize call."""
     import nncf
     import openvino as ov
 
@@ -184,7 +184,7 @@ def mb(xml: Path) -> float:
 def run(args: argparse.Namespace, work: Path, say: Callable[[str], None]) -> dict[str, Any]:
     import openvino as ov
 
-    from workers.calibrate import package_versions
+    from workers.calibrate.quantize import package_versions
 
     fp_xml, int8_xml = work / "fp16" / "openvino_model.xml", work / "int8" / "openvino_model.xml"
     fp_xml.parent.mkdir(parents=True, exist_ok=True)

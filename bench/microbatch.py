@@ -5,14 +5,15 @@ Run: nice -n 5 .venv/bin/python bench/microbatch.py --variants sd15 --sizes 256 
 (the first run builds and converts the full-size random-weight model under /tmp/darkroom-bench-models, 2-3 min.)
 
 The UNet is darkroom's own IR of a full-size SD-1.5-shaped (or BK-SDM-Small-shaped) model, reshaped to static
-shapes and compiled with a worker's settings (workers/device.py compile_config: PERFORMANCE_HINT=LATENCY, the
-device's default precision, bf16 here), exactly as workers/sd.py does for one image, but with a batch of 2K
+shapes and compiled with a worker's settings (workers/runtime/device.py compile_config: PERFORMANCE_HINT=LATENCY, the
+device's default precision, bf16 here), exactly as workers/pipelines/sd.py does for one image, but with a batch of 2K
 (K images, each with its uncond and cond halves under classifier-free guidance). The K variants are timed
 interleaved, round by round, so the machine's noise hits them alike. Reported: median seconds per UNet call,
 per image-step, images per second relative to K=1, and whether each image's slice of a packed call equals its
 own unpacked call bit for bit (what byte-identical packed rendering would need). Writes bench/results/microbatch.json.
 
-With --pipeline-steps N it times the whole pipeline instead: K images by workers/sd.py generate() one by one vs
+With --pipeline-steps N it times the whole pipeline instead: K images by workers/pipelines/sd.py generate() one by
+one vs
 the same K images packed (generate_packed below: one UNet call per step for all K; text encoding, seeds,
 schedulers and VAE decoding stay per image), checks the images are byte-identical, and writes
 bench/results/microbatch_pipeline.json.
@@ -41,8 +42,8 @@ TOKENS = 77
 
 def compile_unet(core: Any, ir: Path, pack: int, side: int, context: int, cache: Path) -> Any:
     """The UNet reshaped for `pack` images under CFG (batch 2*pack) and compiled as a worker compiles it."""
-    from workers.device import compile_config
-    from workers.sd import _read_static
+    from workers.pipelines.sd import _read_static
+    from workers.runtime.device import compile_config
 
     batch = 2 * pack
     model = _read_static(core, ir / "unet", {"sample": [batch, 4, side, side],
@@ -121,7 +122,7 @@ def generate_packed(pipe: Any, unet: Any, items: list[tuple[str, str, int]], *, 
     """
     import torch
 
-    from workers.schedulers import make_scheduler
+    from workers.pipelines.schedulers import make_scheduler
 
     with torch.inference_mode():
         contexts = [pipe._encode([negative, prompt]) for prompt, negative, _ in items]
@@ -152,8 +153,8 @@ def measure_pipeline(variant: str, size: int, pack: int, steps: int, repeats: in
     import openvino as ov
     from fullsize import fullsize_model, unet_config
 
-    from workers.device import compile_config
-    from workers.sd import OVStableDiffusion, _Model
+    from workers.pipelines.sd import OVStableDiffusion, _Model
+    from workers.runtime.device import compile_config
 
     _, ir = fullsize_model(variant, work)  # type: ignore[arg-type]
     params = {"steps": steps, "guidance_scale": 7.5, "scheduler": "pndm"}

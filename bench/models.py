@@ -84,7 +84,7 @@ def build_pipeline_folder(out_dir: Path, model: str, *, seed: int = 0) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     sys.path.insert(0, str(REPO))
-    from workers.tiny_models import clip_tokenizer
+    from workers.demo_model.clip_vocab import clip_tokenizer
 
     spec = MODELS[model]
     unet = build_unet(model, seed)

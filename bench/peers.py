@@ -7,7 +7,7 @@ Run: make bench-peers   (builds bench/.venv-peers, then runs this with the defau
 Runners, each in its own process (its peak RSS is that process tree's, from os.wait4):
   darkroom        darkroom's pipeline in-process, and through the queue (embedded Redis, one warm `darkroom
                   worker`), image by image, interleaved; the queue's overhead is the median paired difference
-  darkroom-int8   darkroom's pipeline on its INT8 artifact (workers/calibrate.py's recipe)
+  darkroom-int8   darkroom's pipeline on its INT8 artifact (workers/calibrate/quantize.py's recipe)
   diffusers-fp32  diffusers' StableDiffusionPipeline on PyTorch, FP32
   diffusers-bf16  the same under torch.autocast(bfloat16)
   optimum         optimum-intel's OVStableDiffusionPipeline, static reshape + compile (peers' venv)

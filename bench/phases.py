@@ -3,7 +3,7 @@
 Run: nice -n 5 .venv/bin/python bench/phases.py --variant sd15 --sizes 256,512 --steps 4 --repeats 3
 (the first run builds and converts the full-size random-weight model under /tmp/darkroom-bench-models.)
 
-darkroom's own pipeline (workers/sd.py OVStableDiffusion) compiled with a worker's settings, its per-image
+darkroom's own pipeline (workers/pipelines/sd.py OVStableDiffusion) compiled with a worker's settings, its per-image
 timings (GenerationResult.timings, what metrics.observe_image records): encode (CLIP text encoder, batch 2 under
 CFG), denoise (the UNet loop), decode (VAE decoder). The sizes are timed interleaved. Encode and decode do not
 depend on the step count, so the shares are given for the measured steps and projected to 20 steps from the
@@ -37,8 +37,8 @@ def main() -> int:
 
     from fullsize import fullsize_model
 
-    from workers.device import compile_config
-    from workers.sd import OVStableDiffusion
+    from workers.pipelines.sd import OVStableDiffusion
+    from workers.runtime.device import compile_config
 
     _, ir = fullsize_model(args.variant, args.work_dir)  # type: ignore[arg-type]
     sizes = [int(s) for s in args.sizes.split(",")]

@@ -27,12 +27,12 @@ def main() -> int:
 
     from broker.embedded import EmbeddedRedis
     from broker.settings import Settings
-    from tasks.producer import submit, submit_convert
-    from tests.fleet import WorkerProcess
-    from workers.convert import convert_sd
-    from workers.device import compile_config
-    from workers.sd import OVStableDiffusion
-    from workers.tiny_models import build_tiny_sd
+    from darkroom import submit, submit_convert
+    from testkit.fleet import WorkerProcess
+    from testkit.tiny_models import build_tiny_sd
+    from workers.convert.sd import convert_sd
+    from workers.pipelines.sd import OVStableDiffusion
+    from workers.runtime.device import compile_config
 
     with tempfile.TemporaryDirectory(prefix="darkroom-bench-") as tmp:
         root = Path(tmp)

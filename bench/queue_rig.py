@@ -1,6 +1,6 @@
 """The real queue for the worker benchmarks (imported by bench/throughput.py and bench/cold_start.py, not run).
 
-An embedded Redis, a SeaweedFS S3 server (tests/services.py), real `darkroom worker` processes (tests/fleet.py),
+An embedded Redis, a SeaweedFS S3 server (testkit/services.py), real `darkroom worker` processes (testkit/fleet.py),
 and a full-size random-weight model (bench/fullsize.py) published to storage as the conversion job publishes it:
 the IR files under the artifact's prefix, then its manifest, then the model's default pointer.
 """
@@ -33,7 +33,7 @@ class Rig:
         """A WorkerProcess (not started) with its own log; `changes` override Settings fields."""
         from dataclasses import replace
 
-        from tests.fleet import WorkerProcess
+        from testkit.fleet import WorkerProcess
 
         args = ["--cores", cores] if cores else []
         return WorkerProcess(replace(self.settings, **changes), queues, self.root / f"{name}.log",
@@ -42,7 +42,7 @@ class Rig:
     def render(self, queue: str, count: int, *, steps: int, size: int, seed: int,
                timeout: float = 3600) -> tuple[float, Any]:
         """Submit `count` images to `queue` and wait for them all: (seconds, BatchSummary)."""
-        from tasks.producer import submit
+        from darkroom import submit
 
         started = time.perf_counter()
         handle = submit([f"a lighthouse on a cliff at dusk, take {seed}-{i}" for i in range(count)], model="bench",
@@ -59,7 +59,7 @@ def queue_rig(root: Path, variant: str, work: Path) -> Iterator[Rig]:
     from broker.embedded import EmbeddedRedis
     from broker.settings import Settings
     from storage.s3 import S3Storage
-    from tests.services import SeaweedS3
+    from testkit.services import SeaweedS3
 
     class BigSeaweed(SeaweedS3):
         # Multi-GB models and blobs: `weed mini`'s 128 MB volumes and disk-derived volume count run out.
@@ -92,14 +92,14 @@ def queue_rig(root: Path, variant: str, work: Path) -> Iterator[Rig]:
 
 
 def publish(storage: Any, variant: str, work: Path) -> str:
-    """The converted model into storage as model "bench", as workers/convert_job.py would leave it."""
+    """The converted model into storage as model "bench", as workers/convert/job.py would leave it."""
     from fullsize import fullsize_model
 
     from storage import keys
     from tasks.models import set_default
     from tasks.schemas import ConvertJob
-    from workers.convert import fingerprint_source
-    from workers.convert_job import _manifest
+    from workers.convert.job import _manifest
+    from workers.convert.sd import fingerprint_source
 
     source, ir = fullsize_model(variant, work)  # type: ignore[arg-type]
     fingerprint = fingerprint_source(source, weight_format="fp16")

@@ -31,7 +31,7 @@ class _Services:
     def __init__(self, work: Path, queues: list[str]) -> None:
         from broker.embedded import EmbeddedRedis
         from broker.settings import Settings
-        from tests.fleet import WorkerProcess
+        from testkit.fleet import WorkerProcess
 
         work.mkdir(parents=True, exist_ok=True)
         self.redis = EmbeddedRedis.start()
@@ -63,7 +63,7 @@ class _Services:
 
 def convert(p: Params) -> Result:
     """darkroom's conversion job through the queue (once per fingerprint: storage keeps the IR across runs)."""
-    from tasks.producer import submit_convert
+    from darkroom import submit_convert
 
     services = _Services(Path(p["work"]), ["convert"])
     try:
@@ -76,8 +76,8 @@ def convert(p: Params) -> Result:
 
 
 def calibrate(p: Params) -> Result:
-    """darkroom's INT8 recipe (workers/calibrate.py): UNet inputs recorded from the pipeline, nncf.quantize."""
-    from workers.calibrate import calibrate_sd
+    """darkroom's INT8 recipe (workers/calibrate/quantize.py): UNet inputs recorded from the pipeline, nncf.quantize."""
+    from workers.calibrate.quantize import calibrate_sd
 
     # nncf.quantize of a full UNet peaks at ~15 GB: if memory runs out, let the kernel end this process first,
     # never a neighbour's.
@@ -92,8 +92,8 @@ def calibrate(p: Params) -> Result:
 
 
 def _load_darkroom(ir: str, size: int, cache: Path) -> tuple[Any, StepTimer]:
-    from workers.device import compile_config
-    from workers.sd import OVStableDiffusion
+    from workers.pipelines.sd import OVStableDiffusion
+    from workers.runtime.device import compile_config
 
     pipe = OVStableDiffusion.load(Path(ir), device="CPU", width=size, height=size, cfg=True,
                                   ov_config=compile_config("CPU", cache_dir=cache))
@@ -126,7 +126,7 @@ def darkroom(p: Params) -> Result:
     """
     import resource
 
-    from tasks.producer import submit
+    from darkroom import submit
 
     work, size, say = Path(p["work"]), p["size"], p["say"]
     pipe, timer = _load_darkroom(p["ir"], size, work / "cache-inproc")

@@ -19,7 +19,7 @@ class Settings:
     cache_dir: Path = Path.home() / ".cache" / "darkroom"
     # How long a delivered, unacknowledged job waits before Redis hands it to another worker: the recovery bound
     # after a whole worker dies. Jobs may run longer: a second delivery finds the item's heartbeat lock and is
-    # deferred, never run beside the first (workers/delivery.py, README "Guarantees").
+    # deferred, never run beside the first (workers/runtime/delivery.py, README "Guarantees").
     visibility_timeout: int = 300
     # OpenVINO INFERENCE_PRECISION_HINT for workers: "" keeps the device default (bf16 on AMX CPUs).
     inference_precision: str = ""

@@ -1,3 +1,12 @@
-"""darkroom: prompt batches to images on OpenVINO workers, through Redis, into object storage."""
+"""darkroom: prompt batches to images on OpenVINO workers, through Redis, into object storage.
 
-__version__ = "0.1.0"
+The producer's API: `from darkroom import GenerationRequest, submit`. Importing it never imports torch, diffusers,
+openvino or nncf (worker-side code lives in `workers`).
+"""
+
+from darkroom.batches import BatchHandle, BatchSummary, batch_summary
+from darkroom.convert import submit_convert
+from darkroom.submit import submit
+from tasks.version import __version__
+
+__all__ = ["BatchHandle", "BatchSummary", "__version__", "batch_summary", "submit", "submit_convert"]

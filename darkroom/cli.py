@@ -7,12 +7,12 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
-from darkroom.cli_common import EXIT_FAILED_ITEMS, EXIT_INVALID, EXIT_UNAVAILABLE, fail, settings_of
+from darkroom.cli_common import EXIT_FAILED_ITEMS, EXIT_INVALID, EXIT_UNAVAILABLE, check_batch, fail, settings_of
 from darkroom.cli_demo_model import add_demo_model_commands
 from darkroom.cli_models import add_model_commands
 from darkroom.cli_ops import add_ops_commands
+from darkroom.progress_view import print_summary, wait_with_progress
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,7 +52,7 @@ def run_reporting_errors(func: Callable[[argparse.Namespace], int], args: argpar
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from tasks.producer import submit
+    from darkroom import submit
 
     handle = submit(
         args.prompts if args.prompts != "-" else sys.stdin.read().splitlines(), model=args.model,
@@ -73,54 +73,28 @@ def cmd_submit(args: argparse.Namespace) -> int:
         else:
             print(f"batch {handle.batch_id}: {handle.total} image(s) queued")
         return 0
-    summary = _wait_with_progress(handle, quiet=args.json, timeout=args.timeout)
-    _print_summary(summary, as_json=args.json)
+    summary = wait_with_progress(handle, quiet=args.json, timeout=args.timeout)
+    print_summary(summary, as_json=args.json)
     return EXIT_FAILED_ITEMS if summary.failed else 0
 
 
-def _wait_with_progress(handle: Any, *, quiet: bool, timeout: float | None) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    if quiet:
-        return handle.wait(timeout=timeout)
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn())
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(handle.batch_id, total=handle.total, failed=0)
-        return handle.wait(timeout=timeout, on_progress=lambda c: bar.update(task, completed=c.finished,
-                                                                             failed=c.failed))
-
-
-def _print_summary(summary: Any, *, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(summary.as_json(), indent=2))
-        return
-    print(f"batch {summary.batch_id}: {summary.state}, {summary.done} done, {summary.failed} failed "
-          f"of {summary.total}")
-    for item in summary.items:
-        if item.status == "failed":
-            print(f"  item {item.index} ({item.prompt!r}): {item.error}")
-        for warning in item.warnings:
-            print(f"  item {item.index}: warning: {warning}")
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    from tasks.producer import batch_summary
+    from darkroom.batches import batch_summary
 
-    summary = batch_summary(_check_batch(args.batch), settings_of(args))
+    summary = batch_summary(check_batch(args.batch), settings_of(args))
     if args.json:
         print(json.dumps(summary.as_json(), indent=2))
     else:
-        _print_summary(summary, as_json=False)
+        print_summary(summary, as_json=False)
     return 0
 
 
 def cmd_results(args: argparse.Namespace) -> int:
+    from darkroom.batches import batch_summary
     from storage import keys, open_storage
-    from tasks.producer import batch_summary
 
     settings = settings_of(args)
-    summary = batch_summary(_check_batch(args.batch), settings)
+    summary = batch_summary(check_batch(args.batch), settings)
     if args.download:
         from storage import ObjectNotFound
 
@@ -146,18 +120,8 @@ def cmd_results(args: argparse.Namespace) -> int:
     return EXIT_FAILED_ITEMS if summary.failed else 0
 
 
-def _check_batch(batch: str) -> str:
-    from storage import keys
-    from tasks.errors import InvalidRequest
-
-    try:
-        return keys.check_name("batch", batch)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc), field="batch") from None
-
-
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.serve import InvalidCores, UnknownDevice, run_worker
+    from workers.runtime.serve import InvalidCores, UnknownDevice, run_worker
 
     queues = [q for q in (args.queues or "").split(",") if q] or None
     try:
@@ -169,7 +133,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from tasks.producer import submit_convert
+    from darkroom.convert import submit_convert
 
     result = submit_convert(args.source, name=args.name, weight_format=args.weight_format,
                             settings=settings_of(args), make_default=not args.no_default, family=args.family)

@@ -6,6 +6,9 @@ import argparse
 import sys
 from typing import Any
 
+from storage import keys
+from tasks.errors import InvalidRequest
+
 EXIT_FAILED_ITEMS = 1
 EXIT_INVALID = 2
 EXIT_UNAVAILABLE = 3
@@ -20,3 +23,10 @@ def settings_of(args: argparse.Namespace) -> Any:
     from broker.settings import Settings
 
     return Settings.from_env(broker_url=args.broker_url, storage_url=args.storage_url)
+
+
+def check_batch(batch: str) -> str:
+    try:
+        return keys.check_name("batch", batch)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), field="batch") from None

@@ -72,14 +72,17 @@ def cmd_train_demo_model(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from darkroom.batches import batch_summary
+    from darkroom.cli_common import check_batch
     from storage import open_storage
     from workers.demo_model.batch_score import default_scorer_dir, score_batch
 
     scorer = Path(args.scorer) if args.scorer else default_scorer_dir()
     if not (scorer / "config.json").is_file():
         return fail(f"--scorer {scorer}: no scorer there (expected config.json and model.safetensors)", EXIT_INVALID)
-    storage = open_storage(settings_of(args).storage_url)
-    result = score_batch(storage, args.batch, scorer, settings=settings_of(args))
+    settings = settings_of(args)
+    summary = batch_summary(check_batch(args.batch), settings)
+    result = score_batch(open_storage(settings.storage_url), summary, scorer)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

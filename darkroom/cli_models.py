@@ -62,7 +62,7 @@ def _print_report(report: dict[str, Any]) -> None:
 
 
 def _job(args: argparse.Namespace) -> Any:
-    from tasks.calibration import calibrate_job
+    from darkroom.calibration import calibrate_job
 
     return calibrate_job(args.name, dataset=args.dataset, subset_size=args.subset_size, mode=args.mode,
                          steps=args.steps, min_speedup=args.min_speedup, min_psnr_db=args.min_psnr,
@@ -71,7 +71,7 @@ def _job(args: argparse.Namespace) -> Any:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from tasks.calibration import submit_calibrate
+    from darkroom.calibration import submit_calibrate
 
     result = submit_calibrate(_job(args), settings=settings_of(args))
     if not args.wait:
@@ -93,7 +93,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from tasks.calibration import promote
+    from darkroom.calibration import promote
 
     record = promote(args.name, args.fingerprint, settings=settings_of(args))
     print(f"{args.name}: default is now {record['precision']} {record['fingerprint']}")
@@ -101,7 +101,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from tasks.calibration import roll_back
+    from darkroom.calibration import roll_back
 
     record = roll_back(args.name, settings=settings_of(args))
     print(f"{args.name}: default is back to {record['precision']} {record['fingerprint']}")

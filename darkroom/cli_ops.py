@@ -69,10 +69,10 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_gallery(args: argparse.Namespace) -> int:
+    from darkroom.batches import batch_summary
     from darkroom.gallery import default_gallery_dir, write_gallery
     from storage import keys, open_storage
     from tasks.errors import InvalidRequest
-    from tasks.producer import batch_summary
 
     try:
         batch_id = keys.check_name("batch", args.batch)
@@ -104,7 +104,7 @@ def _add_worker_metrics(sub: Any) -> None:
     run: Callable[[argparse.Namespace], int] = worker.get_default("func")
 
     def run_with_metrics(args: argparse.Namespace) -> int:
-        from workers.metrics import ENV_ADDRESS, ENV_PORT
+        from workers.runtime.metrics import ENV_ADDRESS, ENV_PORT
 
         if args.metrics_port is not None:
             os.environ[ENV_PORT] = str(args.metrics_port)

@@ -73,7 +73,7 @@ def _start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]
 
 
 def _convert(source: Path, settings: Settings) -> None:
-    from tasks.producer import submit_convert
+    from darkroom.convert import submit_convert
 
     started = time.perf_counter()
     outcome = submit_convert(str(source), name=DEMO_MODEL, settings=settings).get(timeout=900)
@@ -83,16 +83,16 @@ def _convert(source: Path, settings: Settings) -> None:
 
 
 def _render(settings: Settings, *, steps: int, size: int, seed: int) -> int:
-    from darkroom.cli import _print_summary, _wait_with_progress
+    from darkroom import submit
     from darkroom.contact_sheet import write_contact_sheet
+    from darkroom.progress_view import print_summary, wait_with_progress
     from storage import open_storage
-    from tasks.producer import submit
 
     handle = submit(DEMO_PROMPTS, model=DEMO_MODEL, steps=steps, width=size, height=size, seed=seed,
                     guidance=DEMO_GUIDANCE, settings=settings)
     print(f"[5/5] batch {handle.batch_id}: {handle.total} prompts through the queue")
-    summary = _wait_with_progress(handle, quiet=False, timeout=1800)
-    _print_summary(summary, as_json=False)
+    summary = wait_with_progress(handle, quiet=False, timeout=1800)
+    print_summary(summary, as_json=False)
     storage = open_storage(settings.storage_url)
     sheet = write_contact_sheet(storage, summary.batch_id, list(summary.items))
     print(f"images: {storage.uri(f'images/{summary.batch_id}/')}")

@@ -110,7 +110,7 @@ def calibration_run_key(name: str, stamp: str) -> str:
 
 
 def compiled_blob_prefix(device: str, signature: str, name: str, precision: str, fingerprint: str) -> str:
-    """OpenVINO compiled blobs of one artifact for one kind of device (workers/blob_cache.py)."""
+    """OpenVINO compiled blobs of one artifact for one kind of device (workers/runtime/blob_cache.py)."""
     return (f"ov-cache/{check_name('device', device)}/{check_fingerprint(signature)}/{check_name('model', name)}/"
             f"{check_precision(precision)}/{check_fingerprint(fingerprint)}/")
 

@@ -1,27 +1,15 @@
-"""The contract between producers and workers: names, schemas, errors and `submit(...)`.
+"""The contract between producers and workers: task names, the request object, job and result schemas, errors,
+seeds and limits. Nothing else: no client, no broker, no ML library (import-linter holds it to that).
 
-Importing this package never imports torch, diffusers, openvino or nncf. The producer functions are
-loaded on first use, so `broker` can import `tasks.names` without a cycle.
+Producers submit through the `darkroom` package (`from darkroom import submit`); workers run what they receive.
 """
-
-from typing import Any
 
 from tasks.errors import DarkroomError, InvalidRequest, InvalidRequests, ServiceUnavailable, TransientError
 from tasks.names import CONVERT_TASK, GENERATE_TASK, SCHEDULER_NAMES, generate_queue
 from tasks.schemas import ConvertJob, GenerateJob, ItemRequest, ItemResult, Limits
 
-_PRODUCER = ("BatchHandle", "BatchSummary", "batch_summary", "submit", "submit_convert")
-
 __all__ = [
     "CONVERT_TASK", "GENERATE_TASK", "SCHEDULER_NAMES", "ConvertJob", "DarkroomError", "GenerateJob",
     "InvalidRequest", "InvalidRequests", "ItemRequest", "ItemResult", "Limits", "ServiceUnavailable",
-    "TransientError", "generate_queue", *_PRODUCER,
+    "TransientError", "generate_queue",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _PRODUCER:
-        from tasks import producer
-
-        return getattr(producer, name)
-    raise AttributeError(f"module 'tasks' has no attribute {name!r}")

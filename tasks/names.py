@@ -12,15 +12,15 @@ CALIBRATE_TASK = "darkroom.calibrate"
 CONVERT_QUEUE = "convert"
 CALIBRATE_QUEUE = "calibrate"
 
-# The schedulers a request may name, mapped to diffusers classes on the worker (workers/schedulers.py).
+# The schedulers a request may name, mapped to diffusers classes on the worker (workers/pipelines/schedulers.py).
 SCHEDULER_NAMES: tuple[str, ...] = ("pndm", "ddim", "lms", "euler", "euler-a", "unipc", "dpm++2m")
 
-# Model families (workers/families.py maps each to its converter and OpenVINO pipeline).
+# Model families (workers/pipelines/families.py maps each to its converter and OpenVINO pipeline).
 FAMILIES: tuple[str, ...] = ("sd", "sdxl", "controlnet", "wuerstchen")
 
 CALIBRATION_MODES: tuple[str, ...] = ("int8", "weights-int8", "hybrid")
 
-# ControlNet annotators a request may name (workers/annotators.py runs them from controlnet-aux).
+# ControlNet annotators a request may name (workers/pipelines/annotators.py runs them from controlnet-aux).
 ANNOTATORS: tuple[str, ...] = ("canny", "openpose", "mlsd", "hed", "lineart", "depth", "segment")
 
 

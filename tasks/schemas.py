@@ -13,7 +13,7 @@ from tasks.errors import InvalidRequest
 from tasks.names import ANNOTATORS, CALIBRATION_MODES, FAMILIES, SCHEDULER_NAMES
 
 MAX_SEED = 2**63 - 1
-# An invisible watermark carries its text as bits in the image: short texts only (workers/watermark.py).
+# An invisible watermark carries its text as bits in the image: short texts only (workers/pipelines/watermark.py).
 MAX_WATERMARK_CHARS = 32
 MAX_CONTROLNET_SCALE = 5.0
 # What to do with a prompt longer than the model's text encoder takes (CLIP: 77 tokens, ends included).
@@ -156,7 +156,7 @@ class ConvertJob(BaseModel):
     source: str = Field(min_length=1)
     weight_format: Literal["fp16", "fp32"] = "fp16"
     make_default: bool = True
-    # None: detected from the source's model_index.json; a given family must match it (workers/families.py).
+    # None: detected from the source's model_index.json; a given family must match it (workers/pipelines/families.py).
     family: Literal[FAMILIES] | None = None  # type: ignore[valid-type]
 
 

@@ -7,7 +7,7 @@ included); the tokenizer drops the rest. darkroom never drops them silently:
   package, no torch) and, under the default policy `reject`, refuses the batch naming the line and field;
 - under `truncate` the batch is accepted and the worker records a warning in the item's result;
 - when the producer cannot count (no `tokenizers` package, an artifact without `tokenizer.json`) the
-  worker, which always has the tokenizer, enforces the same policy (workers/prompt_length.py).
+  worker, which always has the tokenizer, enforces the same policy (workers/generate/prompt_length.py).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from darkroom.prompts import PromptLine
 from storage import ObjectNotFound, keys
 from storage.base import Storage
 from tasks.errors import InvalidRequest, InvalidRequests
 from tasks.models import ModelRef
-from tasks.prompts import PromptLine
 from tasks.schemas import LONG_PROMPT_POLICIES
 
 DEFAULT_MAX_TOKENS = 77

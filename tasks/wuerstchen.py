@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from darkroom.prompts import PromptLine
 from tasks.errors import InvalidRequest
-from tasks.prompts import PromptLine
 from tasks.schemas import Limits
 
 FAMILY = "wuerstchen"

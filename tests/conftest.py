@@ -21,14 +21,14 @@ REDIS_PASSWORD = "darkroom-test-redis-password"
 
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from workers.tiny_models import build_tiny_sd
+    from testkit.tiny_models import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "model", seed=0, variant="sd")
 
 
 @pytest.fixture(scope="session")
 def tiny_bksdm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from workers.tiny_models import build_tiny_sd
+    from testkit.tiny_models import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-bksdm") / "model", seed=0, variant="bk-sdm")
 
@@ -46,7 +46,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A real S3 server (SeaweedFS) that enforces its access keys."""
-    from tests.services import SeaweedS3
+    from testkit.services import SeaweedS3
 
     server = SeaweedS3.start(tmp_path_factory.mktemp("seaweed"), access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY)
     yield server
@@ -81,7 +81,7 @@ def stored_tiny_artifact(tiny_sd_dir: Path, root: Path, name: str) -> tuple[Any,
     """The tiny model converted (fp32) and stored under `root/storage` as the conversion job leaves it:
     (storage, fingerprint, converted IR folder)."""
     from storage import keys, open_storage
-    from workers.convert import convert_sd
+    from workers.convert.sd import convert_sd
 
     storage = open_storage(str(root / "storage"))
     result = convert_sd(tiny_sd_dir, root / "ir", weight_format="fp32")

@@ -14,9 +14,9 @@ from typing import Any
 import psutil
 
 from broker.settings import Settings
+from darkroom import BatchHandle, submit
 from storage import Storage, keys
-from tasks.producer import BatchHandle, submit
-from tests.fleet import WorkerProcess
+from testkit.fleet import WorkerProcess
 
 # Every scenario renders these prompts with this batch seed: item i always has the same seed and prompt, so its
 # image must be byte-identical to the undisturbed reference run, whatever happened on the way.

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.annotators import Annotators, AnnotatorUnavailable, convert_body_network, settings_digest
+from workers.pipelines.annotators import Annotators, AnnotatorUnavailable, convert_body_network, settings_digest
 
 
 def _photo(size: int = 64) -> np.ndarray:
-    from workers.controlnet import procedural_control
+    from workers.pipelines.controlnet import procedural_control
 
     noise = np.random.default_rng(0).integers(0, 96, (size, size, 3))
     return (procedural_control(size, size, seed=3) // 2 + noise).astype(np.uint8)
@@ -40,7 +40,7 @@ def test_openpose_body_network_on_openvino_matches_torch(tmp_path: Path) -> None
     import torch
     from controlnet_aux.open_pose.model import bodypose_model
 
-    from workers.annotators import OVBodyNetwork
+    from workers.pipelines.annotators import OVBodyNetwork
 
     # The real architecture (52 M parameters) with random weights: small enough to build here.
     torch.manual_seed(0)

@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.families import detect_family
+from workers.pipelines.families import detect_family
 
 SIZES = ("base", "small", "tiny")
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
-    from workers.convert import convert_sd
-    from workers.tiny_models import build_tiny_bksdm
+    from testkit.tiny_models import build_tiny_bksdm
+    from workers.convert.sd import convert_sd
 
     root = tmp_path_factory.mktemp("bksdm")
     out = {}
@@ -39,7 +39,7 @@ def test_matches_diffusers(size: str, models: dict[str, tuple[Path, Path]]) -> N
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from workers.sd import OVStableDiffusion
+    from workers.pipelines.sd import OVStableDiffusion
 
     source, ir = models[size]
     pipe = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False)

@@ -10,8 +10,8 @@ import pytest
 
 from storage import Storage
 from tests.conftest import stored_tiny_artifact
-from workers.blob_cache import SharedBlobCache, WeightsPathCore, device_signature
-from workers.device import compile_config
+from workers.runtime.blob_cache import SharedBlobCache, WeightsPathCore, device_signature
+from workers.runtime.device import compile_config
 
 KWARGS = {"prompt": "a lighthouse at dusk", "negative_prompt": "", "steps": 3, "guidance_scale": 7.0, "seed": 3,
           "scheduler": "pndm"}
@@ -26,7 +26,7 @@ def artifact(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
 def _pool(storage: Storage, cache_dir: Path, *, weightless: bool = True) -> Any:
     import openvino as ov
 
-    from workers.pool import ModelPool
+    from workers.runtime.pool import ModelPool
 
     core = ov.Core()
     blobs = SharedBlobCache(storage, cache_dir / "ov-cache", device="CPU", signature=device_signature(core, "CPU"))
@@ -84,7 +84,7 @@ def test_a_cached_weightless_compile_is_an_import_with_identical_outputs(artifac
 
     import openvino as ov
 
-    from workers.sd import _read_static
+    from workers.pipelines.sd import _read_static
 
     _, _, ir_dir = artifact
     unet = json.loads((ir_dir / "unet" / "config.json").read_text())

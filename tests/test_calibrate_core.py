@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.calibrate import (
+from testkit.tiny_models import build_tiny_sd
+from workers.calibrate.dataset import DEFAULT_PROMPTS, CalibrationDataError, load_calibration_prompts
+from workers.calibrate.quantize import (
     MEMORY_FACTOR_ENV,
     MODES,
     PSNR_CAP_DB,
@@ -30,10 +32,8 @@ from workers.calibrate import (
     measure,
     package_versions,
 )
-from workers.calibration_data import DEFAULT_PROMPTS, CalibrationDataError, load_calibration_prompts
-from workers.convert import convert_sd
-from workers.sd import OVStableDiffusion
-from workers.tiny_models import build_tiny_sd
+from workers.convert.sd import convert_sd
+from workers.pipelines.sd import OVStableDiffusion
 
 PROMPTS = ("a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen")
 SIZE = 64

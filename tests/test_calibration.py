@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 
 from broker.settings import Settings
+from darkroom import submit
+from darkroom.calibration import calibrate_job, roll_back, submit_calibrate
 from storage import keys, open_storage
-from tasks.calibration import calibrate_job, roll_back, submit_calibrate
 from tasks.models import default_of
-from tasks.producer import submit
+from testkit.fleet import REPO, WorkerProcess, convert_model, run_cli, running_worker
 from tests.conftest import queue_settings_for, redis_db_url
-from tests.fleet import REPO, WorkerProcess, convert_model, run_cli, running_worker
-from workers.png import read_png_metadata
+from workers.pipelines.png import read_png_metadata
 
 FAST = {"steps": 3, "width": 64, "height": 64}
 OPEN_GATES = {"min_speedup": 0.0, "min_psnr_db": 0.0}
@@ -196,8 +196,8 @@ def test_a_calibration_already_running_is_not_run_beside_it_but_after_it(model: 
 def test_calibration_refuses_to_start_without_enough_memory(model: str, settings: Settings,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     # In this process (the job code runs on its own, without Celery): a corner, not the user's path.
-    from workers.calibrate_job import run_calibrate
-    from workers.runtime import WorkerRuntime
+    from workers.calibrate.job import run_calibrate
+    from workers.runtime.context import WorkerRuntime
 
     monkeypatch.setenv("DARKROOM_CALIBRATION_MEMORY_FACTOR", "1000000")
     storage = open_storage(settings.storage_url)

@@ -19,7 +19,7 @@ from redis.retry import Retry
 
 from broker.embedded import free_port, redis_server_binary
 from darkroom.cli import build_parser
-from tests.fleet import REPO
+from testkit.fleet import REPO
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
 ENV = {"REDIS_PASSWORD": "compose-test-redis-password", "S3_ACCESS_KEY": "compose-test-key",

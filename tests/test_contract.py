@@ -14,7 +14,7 @@ HEAVY = ("torch", "diffusers", "openvino", "nncf", "transformers")
 
 def test_importing_tasks_imports_no_worker_side_package() -> None:
     code = (
-        "import sys, tasks, tasks.producer, storage, broker.app, broker.progress;"
+        "import sys, tasks, darkroom.submit, storage, broker.app, broker.progress;"
         f"heavy = [m for m in {HEAVY!r} if m in sys.modules];"
         "print(','.join(heavy))"
     )

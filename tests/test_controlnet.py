@@ -11,25 +11,25 @@ import pytest
 from PIL import Image
 
 from broker.settings import Settings
+from darkroom import submit
+from darkroom.calibration import calibrate_job, submit_calibrate
 from storage import keys, open_storage
-from tasks.calibration import calibrate_job, submit_calibrate
-from tasks.producer import submit
+from testkit.fleet import WorkerProcess, convert_model, run_cli, running_worker
 from tests.conftest import queue_settings_for, redis_db_url
-from tests.fleet import WorkerProcess, convert_model, run_cli, running_worker
-from workers.png import read_png_metadata
+from workers.pipelines.png import read_png_metadata
 
 FAST = {"steps": 3}
 
 
 @pytest.fixture(scope="module")
 def controlnet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from workers.tiny_models import build_tiny_controlnet
+    from testkit.tiny_models import build_tiny_controlnet
 
     return build_tiny_controlnet(tmp_path_factory.mktemp("tiny-controlnet") / "model", seed=0)
 
 
 def _control(seed: int, size: int = 64) -> np.ndarray:
-    from workers.controlnet import procedural_control
+    from workers.pipelines.controlnet import procedural_control
 
     return procedural_control(size, size, seed=seed)
 
@@ -38,8 +38,8 @@ def test_converted_controlnet_matches_diffusers(controlnet_dir: Path, tmp_path: 
     import torch
     from diffusers import StableDiffusionControlNetPipeline
 
-    from workers.controlnet import OVControlNetPipeline
-    from workers.convert_controlnet import convert_controlnet
+    from workers.convert.controlnet import convert_controlnet
+    from workers.pipelines.controlnet import OVControlNetPipeline
 
     result = convert_controlnet(controlnet_dir, tmp_path / "ir", weight_format="fp32")
     assert result.family == "controlnet"

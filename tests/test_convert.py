@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.convert import ConversionResult, SourceNotFound, convert_sd, fingerprint_source, resolve_source
-from workers.tiny_models import build_tiny_sd, clip_tokenizer
+from testkit.tiny_models import build_tiny_sd
+from workers.convert.sd import ConversionResult, SourceNotFound, convert_sd, fingerprint_source, resolve_source
+from workers.demo_model.clip_vocab import clip_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
@@ -69,7 +70,7 @@ def test_ir_names_and_dynamic_shapes(converted: ConversionResult) -> None:
 
 
 def test_fp16_weights_are_compressed_and_run(converted: ConversionResult) -> None:
-    from workers.sd import OVStableDiffusion
+    from workers.pipelines.sd import OVStableDiffusion
 
     xml = (converted.out_dir / "unet" / "openvino_model.xml").read_text()
     assert 'element_type="f16"' in xml
@@ -166,7 +167,7 @@ def test_resolve_hugging_face_cache_offline(tiny_bksdm_dir: Path, tmp_path: Path
     # A fresh process, as a worker starts: huggingface_hub reads HF_HOME and HF_HUB_OFFLINE at import.
     script = (
         "import json\n"
-        "from workers.convert import SourceNotFound, resolve_source\n"
+        "from workers.convert.sd import SourceNotFound, resolve_source\n"
         "found = str(resolve_source('darkroom-test/tiny-bk-sdm'))\n"
         "try:\n"
         "    resolve_source('darkroom-test/not-cached')\n"
@@ -190,7 +191,7 @@ def test_resolve_hugging_face_cache_offline(tiny_bksdm_dir: Path, tmp_path: Path
 
 def test_worker_modules_import_without_celery_or_heavy_libraries() -> None:
     code = (
-        "import sys, workers.convert, workers.sd, workers.schedulers, workers.tiny_models\n"
+        "import sys, workers.convert.sd, workers.pipelines.sd, workers.pipelines.schedulers, testkit.tiny_models\n"
         "heavy = {'celery', 'torch', 'openvino', 'diffusers'}\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))\n"
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tests.fleet import run_cli
+from testkit.fleet import run_cli
 
 
 def test_darkroom_demo_renders_a_batch_and_stops_everything(tmp_path: Path) -> None:
@@ -35,7 +35,7 @@ def test_ctrl_c_during_the_demo_stops_the_worker_and_redis(tmp_path: Path) -> No
     import subprocess
     import sys
 
-    from tests.fleet import REPO
+    from testkit.fleet import REPO
 
     demo = subprocess.Popen([sys.executable, "-m", "darkroom", "demo", "--data-dir", str(tmp_path / "data"),
                              "--steps", "3", "--size", "64"], cwd=tmp_path, stdout=subprocess.PIPE,

@@ -2,7 +2,7 @@
 
 Each scenario runs the same 8-item batch (tests/faults.py) on its own queue and checks: every item has exactly
 one manifest entry and one image, each image is byte-identical to an undisturbed run, and the batch ends in a
-clear final state. Test-only faults (workers/faults.py) make the UNet loop slow enough to be hit mid-loop.
+clear final state. Test-only faults (workers/runtime/faults.py) make the UNet loop slow enough to be hit mid-loop.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import pytest
 
 from broker.progress import BatchProgress
 from broker.settings import Settings
+from darkroom import submit_convert
 from storage import keys, open_storage
-from tasks.producer import submit_convert
+from testkit.fleet import REPO, WorkerProcess
 from tests.conftest import queue_settings_for, redis_db_url
 from tests.faults import (
     PROMPTS,
@@ -38,8 +39,7 @@ from tests.faults import (
     unet_steps,
     wait_for,
 )
-from tests.fleet import REPO, WorkerProcess
-from workers.delivery import dead_letters
+from workers.runtime.delivery import dead_letters
 
 SLOW = "slow-unet:0.4"
 
@@ -255,8 +255,8 @@ def test_s3_outage_of_30_s_mid_batch_is_retried_with_backoff(base: Settings, log
                                                              reference: dict[int, bytes],
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from storage.s3 import S3Storage
+    from testkit.services import SeaweedS3
     from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, s3_env
-    from tests.services import SeaweedS3
 
     server = SeaweedS3.start(tmp_path / "seaweed", access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY)
     try:

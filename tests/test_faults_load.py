@@ -17,11 +17,11 @@ import pytest
 
 from broker.progress import BatchProgress
 from broker.settings import Settings
+from darkroom import submit, submit_convert
 from storage import keys, open_storage
-from tasks.producer import submit, submit_convert
+from testkit.fleet import WorkerProcess
 from tests.conftest import queue_settings_for, redis_db_url
 from tests.faults import pool_children, wait_for
-from tests.fleet import WorkerProcess
 
 TINY = {"steps": 1, "width": 32, "height": 32, "guidance": 1.0, "scheduler": "euler"}
 JOBS = int(os.environ.get("DARKROOM_LOAD_JOBS", "5000"))

@@ -20,10 +20,10 @@ import pytest
 
 from broker.embedded import free_port
 from broker.settings import Settings
+from darkroom import BatchSummary, submit, submit_convert
 from darkroom.cli_ops import FLOWER_AUTH_ENV
-from tasks.producer import BatchSummary, submit, submit_convert
+from testkit.fleet import REPO, WorkerProcess
 from tests.conftest import queue_settings_for, redis_db_url
-from tests.fleet import REPO, WorkerProcess
 
 USER, PASSWORD = "darkroom-admin", "flower-test-password"
 ARTIFACTS = REPO / "test-artifacts"
@@ -171,7 +171,7 @@ def test_a_signed_in_browser_sees_the_worker_its_queue_and_the_batch(flower: tup
         row = page.locator("#workers-table tbody tr", has_text=worker.nodename)
         row.wait_for()
         assert "Online" in row.inner_text()
-        page.screenshot(path=str(ARTIFACTS / "flower-workers.png"), full_page=True)
+        page.screenshot(path=str(ARTIFACTS / "flower-workers.pipelines.png"), full_page=True)
         # Its page lists the queue it consumes.
         page.goto(f"{url}/worker/{worker.nodename}")
         page.locator("#worker-tab-queues").click()

@@ -25,13 +25,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker.settings import Settings
+from darkroom import submit
+from darkroom.prompts import load_prompts
+from darkroom.submit import send_jobs
 from storage import keys, open_storage
 from tasks.errors import InvalidRequest, InvalidRequests
-from tasks.producer import send_jobs, submit
-from tasks.prompts import load_prompts
 from tasks.schemas import GenerateJob, Limits
+from testkit.fleet import WorkerProcess, convert_model, run_cli, running_worker
 from tests.conftest import queue_settings_for, redis_db_url
-from tests.fleet import WorkerProcess, convert_model, run_cli, running_worker
 
 settings.register_profile("darkroom", derandomize=True, database=None, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -365,7 +366,7 @@ def test_truncate_policy_renders_and_records_a_warning_and_the_worker_enforces_r
                       height=64, scheduler="pndm", model=model, precision=by_index[0].uri and "fp32",
                       fingerprint=manifest_fingerprint(fuzz_settings, model))
     send_jobs([job], fuzz_settings, queue="generate.CPU")
-    from tasks.producer import BatchHandle
+    from darkroom import BatchHandle
 
     failed = BatchHandle("worker-rejects", 1, fuzz_settings).wait(timeout=300)
     assert failed.failed == 1 and "prompt" in failed.items[0].error and "77" in failed.items[0].error
@@ -378,7 +379,7 @@ def manifest_fingerprint(settings_: Settings, model: str) -> str:
 def test_producer_token_count_matches_the_workers_tokenizer(model: str, fuzz_settings: Settings) -> None:
     from tasks.models import resolve_model
     from tasks.tokens import load_counter
-    from workers.tiny_models import clip_tokenizer
+    from workers.demo_model.clip_vocab import clip_tokenizer
 
     storage = open_storage(fuzz_settings.storage_url)
     counter = load_counter(storage, resolve_model(storage, model))

@@ -15,12 +15,13 @@ from PIL import Image
 
 from broker.progress import BatchProgress
 from broker.settings import Settings
+from darkroom import BatchHandle, BatchSummary, submit, submit_convert
+from darkroom.submit import send_jobs
 from storage import keys, open_storage
 from storage.s3 import S3Storage
-from tasks.producer import BatchHandle, BatchSummary, send_jobs, submit, submit_convert
 from tasks.schemas import GenerateJob
+from testkit.fleet import REPO, WorkerProcess
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, queue_settings_for, redis_db_url, s3_env
-from tests.fleet import REPO, WorkerProcess
 
 FAST = {"steps": 3, "width": 64, "height": 64}
 SCRIPT_PROMPT = "a cat <script>window.__pwned = 1</script>"

@@ -16,14 +16,14 @@ import pytest
 from PIL import Image
 
 from broker.settings import Settings
+from darkroom import submit, submit_convert
+from darkroom.init_images import resolve_init_images
+from darkroom.prompts import load_prompts
 from storage import keys, open_storage
 from tasks.errors import InvalidRequest, InvalidRequests
-from tasks.init_images import resolve_init_images
-from tasks.producer import submit, submit_convert
-from tasks.prompts import load_prompts
+from testkit.fleet import WorkerProcess, run_cli
 from tests.conftest import queue_settings_for, redis_db_url
-from tests.fleet import WorkerProcess, run_cli
-from workers.png import read_png_metadata
+from workers.pipelines.png import read_png_metadata
 
 PROMPT = "a dog wearing hat"
 NEGATIVE = "blurry, low quality"
@@ -46,7 +46,7 @@ def init_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ir_dir(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from workers.convert import convert_sd
+    from workers.convert.sd import convert_sd
 
     return convert_sd(tiny_sd_dir, tmp_path_factory.mktemp("ir") / "sd", weight_format="fp32").out_dir
 
@@ -57,8 +57,8 @@ def test_matches_diffusers_img2img(scheduler: str, strength: float, ir_dir: Path
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from workers.img2img import OVStableDiffusionImg2Img
-    from workers.schedulers import make_scheduler
+    from workers.pipelines.img2img import OVStableDiffusionImg2Img
+    from workers.pipelines.schedulers import make_scheduler
 
     init = _init_array()
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_sd_dir, safety_checker=None,
@@ -82,7 +82,7 @@ def test_matches_diffusers_img2img(scheduler: str, strength: float, ir_dir: Path
 
 
 def test_the_pipeline_refuses_bad_arguments(ir_dir: Path) -> None:
-    from workers.img2img import OVStableDiffusionImg2Img
+    from workers.pipelines.img2img import OVStableDiffusionImg2Img
 
     pipe = OVStableDiffusionImg2Img.load(ir_dir, width=64, height=64, cfg=False, ov_config=F32)
     common = {"steps": 4, "guidance_scale": 1.0, "scheduler": "euler", "seed": 1}
@@ -173,7 +173,7 @@ def model(settings: Settings, tiny_sd_dir: Path, tmp_path_factory: pytest.TempPa
 
 def test_img2img_through_the_queue_matches_the_local_pipeline(model: str, settings: Settings, ir_dir: Path,
                                                               init_png: Path, tmp_path: Path) -> None:
-    from workers.img2img import OVStableDiffusionImg2Img
+    from workers.pipelines.img2img import OVStableDiffusionImg2Img
 
     # A JSONL batch: line 1 starts from the batch's init image, line 2 from its own file and strength.
     other = tmp_path / "other.png"
@@ -213,7 +213,7 @@ def test_bad_img2img_requests_are_one_clear_line(model: str, settings: Settings,
 
 
 def test_a_watermarked_batch_decodes_and_records_the_mark(model: str, settings: Settings) -> None:
-    from workers import watermark
+    from workers.pipelines import watermark
 
     handle = submit([PROMPT], model=model, steps=2, width=256, height=256, seed=5, watermark="darkroom-42",
                     settings=settings)

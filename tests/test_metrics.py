@@ -18,11 +18,12 @@ from broker.app import make_app
 from broker.embedded import free_port
 from broker.progress import BatchProgress
 from broker.settings import Settings
+from darkroom import BatchHandle, BatchSummary, submit, submit_convert
+from darkroom.submit import send_jobs
 from tasks.names import GENERATE_TASK
-from tasks.producer import BatchHandle, BatchSummary, send_jobs, submit, submit_convert
 from tasks.schemas import GenerateJob
+from testkit.fleet import REPO, WorkerProcess
 from tests.conftest import queue_settings_for, redis_db_url
-from tests.fleet import REPO, WorkerProcess
 
 FAST = {"steps": 3, "width": 64, "height": 64}
 BATCH_SIZE = 4

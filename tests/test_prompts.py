@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from darkroom.prompts import load_prompts, require_prompts
 from tasks.errors import InvalidRequest, InvalidRequests
-from tasks.prompts import load_prompts, require_prompts
 
 
 def _write(tmp_path: Path, name: str, text: str) -> Path:

@@ -10,12 +10,13 @@ import pytest
 
 from broker.progress import BatchProgress
 from broker.settings import Settings
+from darkroom import BatchHandle, submit, submit_convert
+from darkroom.submit import send_jobs
 from storage import keys, open_storage
-from tasks.producer import BatchHandle, send_jobs, submit, submit_convert
 from tasks.schemas import GenerateJob
+from testkit.fleet import WorkerProcess, run_cli
 from tests.conftest import queue_settings_for, redis_db_url
-from tests.fleet import WorkerProcess, run_cli
-from workers.png import read_png_metadata
+from workers.pipelines.png import read_png_metadata
 
 FAST = {"steps": 3, "width": 64, "height": 64}
 
@@ -183,7 +184,7 @@ def test_bad_prompt_files_fail_before_anything_is_enqueued(model: str, settings:
 
 
 def test_an_unreachable_broker_is_one_clear_line(settings: Settings, tmp_path: Path) -> None:
-    from tests.services import free_port
+    from testkit.services import free_port
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from broker.settings import Settings
+from darkroom import submit
 from storage import keys
 from storage.s3 import S3Storage
-from tasks.producer import submit
+from testkit.fleet import WorkerProcess, convert_model, run_cli, running_worker
 from tests.conftest import exported_env, queue_settings_for, redis_db_url, s3_bucket, s3_env
-from tests.fleet import WorkerProcess, convert_model, run_cli, running_worker
-from workers.png import read_png_metadata
+from workers.pipelines.png import read_png_metadata
 
 BUCKET = "farm"
 
@@ -62,7 +62,7 @@ def test_a_wrong_s3_secret_is_one_clear_line(worker: WorkerProcess, settings: Se
 
 
 def test_an_unreachable_s3_endpoint_is_one_clear_line(settings: Settings, tmp_path: Path) -> None:
-    from tests.services import free_port
+    from testkit.services import free_port
 
     done = run_cli("models", settings=settings, env=s3_env(f"http://127.0.0.1:{free_port()}"), timeout=120)
     assert done.returncode == 3, done.stderr

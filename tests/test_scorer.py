@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from storage import keys, open_storage
+from testkit.fleet import run_cli
 from tests.conftest import redis_db_url
-from tests.fleet import run_cli
 from workers.demo_model import shapes, shipped_model_dir
 from workers.demo_model.scorer import ShapeClassifier, colour_of, judge, summarise
 

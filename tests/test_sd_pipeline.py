@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from tasks.names import SCHEDULER_NAMES
-from workers.convert import convert_sd
-from workers.schedulers import make_scheduler, native_scheduler
-from workers.sd import GenerationResult, OVStableDiffusion
+from workers.convert.sd import convert_sd
+from workers.pipelines.schedulers import make_scheduler, native_scheduler
+from workers.pipelines.sd import GenerationResult, OVStableDiffusion
 
 PROMPT = "a dog wearing hat"
 NEGATIVE = "blurry, low quality"

@@ -18,12 +18,12 @@ import pytest
 from PIL import Image
 
 from broker.settings import Settings
+from darkroom import submit, submit_convert
 from storage import keys, open_storage
-from tasks.producer import submit, submit_convert
+from testkit.fleet import WorkerProcess, run_cli
 from tests.conftest import queue_settings_for, redis_db_url
-from tests.fleet import WorkerProcess, run_cli
-from workers.families import UnknownFamily, check_family, detect_family
-from workers.png import read_png_metadata
+from workers.pipelines.families import UnknownFamily, check_family, detect_family
+from workers.pipelines.png import read_png_metadata
 
 PROMPT = "a dog wearing hat"
 NEGATIVE = "blurry, low quality"
@@ -33,7 +33,7 @@ VARIANTS = ("sdxl", "ssd-1b")
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from workers.tiny_models import build_tiny_sdxl
+    from testkit.tiny_models import build_tiny_sdxl
 
     root = tmp_path_factory.mktemp("tiny-sdxl")
     return {v: build_tiny_sdxl(root / v, seed=0, variant=v) for v in VARIANTS}  # type: ignore[arg-type]
@@ -76,7 +76,7 @@ def reference(sources: dict[str, Path]) -> Callable[..., np.ndarray]:
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from workers.schedulers import make_scheduler
+    from workers.pipelines.schedulers import make_scheduler
 
     pipes = {}
     for variant, path in sources.items():
@@ -153,7 +153,7 @@ def test_conversion_writes_the_sdxl_layout_and_records_the_family(converted: dic
 def test_matches_diffusers(variant: str, scheduler: str, guidance: float, negative: str,
                            converted: dict[str, dict[str, Any]], settings: Settings,
                            reference: Callable[..., np.ndarray]) -> None:
-    from workers.sdxl import OVStableDiffusionXL
+    from workers.pipelines.sdxl import OVStableDiffusionXL
 
     pipe = OVStableDiffusionXL.load(_artifact_dir(settings, converted[variant]), width=64, height=64,
                                     cfg=guidance > 1, ov_config=F32)

@@ -19,13 +19,13 @@ import redis
 from broker.app import make_app
 from broker.embedded import EmbeddedRedis
 from broker.settings import Settings, redact_url
+from darkroom import submit
 from storage import keys
 from storage.s3 import S3Storage
 from tasks.errors import InvalidRequest
 from tasks.names import GENERATE_TASK
-from tasks.producer import submit
+from testkit.fleet import WorkerProcess, convert_model, run_cli, running_worker
 from tests.conftest import S3_SECRET_KEY, exported_env, queue_settings_for, s3_bucket, s3_env
-from tests.fleet import WorkerProcess, convert_model, run_cli, running_worker
 
 BUCKET = "secure"
 ADMIN_PASSWORD = "sec-admin-Redis-pw-41"

@@ -18,7 +18,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from broker.embedded import EmbeddedRedis, redis_server_binary
-from tests.services import SeaweedS3, free_port, weed_binary
+from testkit.services import SeaweedS3, free_port, weed_binary
 
 PASSWORD = "services-test-pass"
 ACCESS_KEY = "services-test"

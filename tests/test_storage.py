@@ -26,7 +26,7 @@ from storage import (
     open_storage,
 )
 from storage.base import TEMP_MARKER, atomic_file, safe_local_path
-from tests.services import SeaweedS3, free_port
+from testkit.services import SeaweedS3, free_port
 
 ACCESS_KEY = "storage-test"
 SECRET_KEY = "storage-test-secret-4f1e"

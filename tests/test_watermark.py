@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from workers import watermark
-from workers.png import encode_png, read_png_metadata
+from workers.pipelines import watermark
+from workers.pipelines.png import encode_png, read_png_metadata
 
 
 def _picture(side: int = 256) -> np.ndarray:

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from broker.settings import Settings
+from darkroom import submit, submit_convert
 from storage import Storage
-from tasks.producer import submit, submit_convert
+from testkit.fleet import REPO, WorkerProcess, run_cli
 from tests.conftest import queue_settings_for, redis_db_url, stored_tiny_artifact
-from tests.fleet import REPO, WorkerProcess, run_cli
-from workers.blob_cache import SharedBlobCache, device_signature
-from workers.device import InvalidCores, parse_cores
+from workers.runtime.blob_cache import SharedBlobCache, device_signature
+from workers.runtime.device import InvalidCores, parse_cores
 
 # --- --cores ------------------------------------------------------------------------------------------------
 
@@ -42,7 +42,7 @@ _THREADS_PROBE = """
 import json, os, sys
 from pathlib import Path
 sys.path.insert(0, {repo!r})
-from workers.device import compile_config
+from workers.runtime.device import compile_config
 import numpy as np, openvino as ov
 import openvino.opset13 as ops
 config = compile_config("CPU", cache_dir=Path({cache!r}))
@@ -135,8 +135,8 @@ def artifact(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
 def _pool(storage: Storage, cache_dir: Path) -> object:
     import openvino as ov
 
-    from workers.device import compile_config
-    from workers.pool import ModelPool
+    from workers.runtime.device import compile_config
+    from workers.runtime.pool import ModelPool
 
     core = ov.Core()
     blobs = SharedBlobCache(storage, cache_dir / "ov-cache", device="CPU", signature=device_signature(core, "CPU"))

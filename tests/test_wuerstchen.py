@@ -23,16 +23,17 @@ from PIL import Image
 
 from broker.progress import BatchProgress
 from broker.settings import Settings
+from darkroom import BatchHandle, submit, submit_convert
+from darkroom.submit import send_jobs
 from storage import keys
 from storage.s3 import S3Storage
 from tasks.errors import InvalidRequest
-from tasks.producer import BatchHandle, send_jobs, submit, submit_convert
 from tasks.schemas import GenerateJob
+from testkit.fleet import WorkerProcess, convert_model, run_cli, running_worker
 from tests.conftest import REDIS_PASSWORD, exported_env, queue_settings_for, s3_bucket, s3_env
-from tests.fleet import WorkerProcess, convert_model, run_cli, running_worker
 from tests.test_sd_pipeline import max_diff
-from workers.families import UnknownFamily, check_family, detect_family
-from workers.png import read_png_metadata
+from workers.pipelines.families import UnknownFamily, check_family, detect_family
+from workers.pipelines.png import read_png_metadata
 
 PROMPT = "a dog wearing hat"
 NEGATIVE = "blurry, low quality"
@@ -43,7 +44,7 @@ MODEL = "tiny-wuerstchen"
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from workers.tiny_models import build_tiny_wuerstchen
+    from testkit.tiny_models import build_tiny_wuerstchen
 
     return build_tiny_wuerstchen(tmp_path_factory.mktemp("tiny-wuerstchen") / "combined", seed=0)
 
@@ -151,7 +152,7 @@ def reference(source: Path) -> Callable[..., np.ndarray]:
 
 def test_both_layouts_are_detected_and_a_mismatch_is_named(source: Path, decoder_layout: Path,
                                                             tmp_path: Path) -> None:
-    from workers.convert_wuerstchen import source_layout
+    from workers.convert.wuerstchen import source_layout
 
     assert detect_family(source) == detect_family(decoder_layout) == "wuerstchen"
     with pytest.raises(UnknownFamily, match="family 'sdxl' does not fit.*'wuerstchen' model"):
@@ -173,7 +174,7 @@ def test_aa_bicubic_is_torchs_resize() -> None:
     import torch
     import torch.nn.functional as F
 
-    from workers.convert_wuerstchen import aa_bicubic
+    from workers.convert.wuerstchen import aa_bicubic
 
     for source_side, target in ((3, 16), (3, 2), (24, 256), (24, 16), (7, (3, 5)), (1, 4), (6, 1)):
         size = target if isinstance(target, tuple) else (target, target)
@@ -220,7 +221,7 @@ def test_a_decoder_folder_with_its_prior_converts_to_the_same_ir(converted: dict
     ids=["both-cfg-negative", "prior-cfg-wide", "no-cfg-tall"])
 def test_matches_diffusers(width: int, height: int, guidance: float, prior_guidance: float, negative: str,
                            artifact: Path, reference: Callable[..., np.ndarray]) -> None:
-    from workers.wuerstchen import OVWuerstchen
+    from workers.pipelines.wuerstchen import OVWuerstchen
 
     pipe = OVWuerstchen.load(artifact, width=width, height=height, cfg=guidance > 1, ov_config=F32,
                              prior_cfg=prior_guidance > 1)
@@ -240,7 +241,7 @@ def test_matches_diffusers(width: int, height: int, guidance: float, prior_guida
 
 
 def test_given_prior_latents_match_diffusers(artifact: Path, reference: Callable[..., np.ndarray]) -> None:
-    from workers.wuerstchen import OVWuerstchen
+    from workers.pipelines.wuerstchen import OVWuerstchen
 
     pipe = OVWuerstchen.load(artifact, width=128, height=128, cfg=False, ov_config=F32)
     latents = np.random.default_rng(3).standard_normal(pipe.prior_shape).astype(np.float32)

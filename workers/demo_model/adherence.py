@@ -15,7 +15,7 @@ import numpy as np
 
 from workers.demo_model.scorer import ShapeClassifier, find_scorer, judge, summarise
 from workers.demo_model.shapes import grid_prompts
-from workers.schedulers import native_scheduler
+from workers.pipelines.schedulers import native_scheduler
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -50,7 +50,7 @@ def render_and_score(ir_dir: Path, *, scorer_dir: Path, width: int = 64, height:
                      ov_config: dict[str, str] | None = None, core: ov.Core | None = None,
                      device: str = "CPU") -> AdherenceRun:
     """Render the fixed set with the IR folder `ir_dir` and score it."""
-    from workers.sd import OVStableDiffusion
+    from workers.pipelines.sd import OVStableDiffusion
 
     pipe = OVStableDiffusion.load(Path(ir_dir), device=device, width=width, height=height, cfg=True, core=core,
                                   ov_config=ov_config)

@@ -17,7 +17,7 @@ def build_text_side(torch_seed: int) -> tuple[Any, Any]:
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from workers.tiny_models import clip_tokenizer
+    from workers.demo_model.clip_vocab import clip_tokenizer
 
     with torch.random.fork_rng():
         torch.manual_seed(torch_seed)

@@ -17,15 +17,15 @@ def default_scorer_dir() -> Path:
     return shipped_model_dir() / SCORER_DIR
 
 
-def score_batch(storage: Any, batch_id: str, scorer_dir: Path, *, settings: Any) -> dict[str, Any]:
-    """Judge every finished item of `batch_id`; failed items are listed, not scored. Returns the summary
-    (also written to storage under keys.batch_adherence_key) with its key."""
+def score_batch(storage: Any, summary: Any, scorer_dir: Path) -> dict[str, Any]:
+    """Judge every finished item of a batch (`summary`: its id, state, total and item results, as the client's
+    batch summary gives them); failed items are listed, not scored. Returns the scores (also written to storage
+    under keys.batch_adherence_key) with their key."""
     from PIL import Image
 
     from storage import keys
-    from tasks.producer import batch_summary
 
-    summary = batch_summary(batch_id, settings)
+    batch_id = summary.batch_id
     done = sorted((i for i in summary.items if i.status == "done"), key=lambda i: i.index)
     images, prompts = [], []
     for item in done:
