@@ -23,7 +23,7 @@ WORKDIR /opt/darkroom
 # The dependencies first, in a layer of their own, so that changing darkroom's code does not reinstall torch:
 # empty packages stand in for the code here. constraints.txt pins every version, torch included.
 # PyPI's torch 2.14.1 is a CUDA build (it runs on the CPU, with about 5 GB of nvidia packages); for a smaller
-# image pass --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu (the same version, CPU only).
+# image pass --build-arg TORCH_INDEX=<the URL of PyTorch's CPU-only wheel index> (the same version, CPU only).
 ARG TORCH_INDEX=""
 COPY pyproject.toml constraints.txt README.md ./
 RUN for p in darkroom tasks broker workers storage; do mkdir -p "$p" && touch "$p/__init__.py"; done \

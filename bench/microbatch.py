@@ -42,11 +42,11 @@ TOKENS = 77
 
 def compile_unet(core: Any, ir: Path, pack: int, side: int, context: int, cache: Path) -> Any:
     """The UNet reshaped for `pack` images under CFG (batch 2*pack) and compiled as a worker compiles it."""
-    from workers.pipelines.sd import _read_static
+    from workers.pipelines.sd import read_static
     from workers.runtime.device import compile_config
 
     batch = 2 * pack
-    model = _read_static(core, ir / "unet", {"sample": [batch, 4, side, side],
+    model = read_static(core, ir / "unet", {"sample": [batch, 4, side, side],
                                              "encoder_hidden_states": [batch, TOKENS, context]})
     return core.compile_model(model, "CPU", compile_config("CPU", cache_dir=cache))
 
@@ -153,7 +153,7 @@ def measure_pipeline(variant: str, size: int, pack: int, steps: int, repeats: in
     import openvino as ov
     from fullsize import fullsize_model, unet_config
 
-    from workers.pipelines.sd import OVStableDiffusion, _Model
+    from workers.pipelines.sd import CompiledModel, OVStableDiffusion
     from workers.runtime.device import compile_config
 
     _, ir = fullsize_model(variant, work)  # type: ignore[arg-type]
@@ -163,7 +163,7 @@ def measure_pipeline(variant: str, size: int, pack: int, steps: int, repeats: in
         config = compile_config("CPU", cache_dir=Path(tmp))
         one = OVStableDiffusion.load(ir, width=size, height=size, cfg=True, ov_config=config)
         context = unet_config(variant)["cross_attention_dim"]  # type: ignore[arg-type]
-        unet = _Model(compile_unet(ov.Core(), ir, pack, size // 8, context, Path(tmp)))
+        unet = CompiledModel(compile_unet(ov.Core(), ir, pack, size // 8, context, Path(tmp)))
         one.generate("warm-up", seed=0, **{**params, "steps": 1})
         generate_packed(one, unet, items, **{**params, "steps": 1})
         singles: list[float] = []

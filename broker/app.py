@@ -7,7 +7,15 @@ from kombu import Queue
 
 from broker.settings import Settings
 from broker.tls import ssl_options
-from tasks.names import CALIBRATE_QUEUE, CALIBRATE_TASK, CONVERT_QUEUE, CONVERT_TASK, GENERATE_TASK, generate_queue
+from tasks.names import (
+    CALIBRATE_QUEUE,
+    CALIBRATE_TASK,
+    CONVERT_QUEUE,
+    CONVERT_TASK,
+    DEFAULT_DEVICE,
+    GENERATE_TASK,
+    generate_queue,
+)
 
 
 def make_app(settings: Settings) -> Celery:
@@ -34,9 +42,9 @@ def make_app(settings: Settings) -> Celery:
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry_on_startup=True,
         result_expires=settings.progress_ttl,
-        task_default_queue=generate_queue("CPU"),
+        task_default_queue=generate_queue(DEFAULT_DEVICE),
         task_routes={CONVERT_TASK: {"queue": CONVERT_QUEUE}, CALIBRATE_TASK: {"queue": CALIBRATE_QUEUE},
-                     GENERATE_TASK: {"queue": generate_queue("CPU")}},
+                     GENERATE_TASK: {"queue": generate_queue(DEFAULT_DEVICE)}},
         task_track_started=True,
         task_send_sent_event=True,
         worker_send_task_events=True,

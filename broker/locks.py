@@ -42,9 +42,13 @@ class HeartbeatLock:
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:
-            self.client.eval(_RELEASE, 1, self.key, self.token)
+            self.delete_if_held_by(self.token)
         except redis.RedisError:
             pass  # it expires on its own
+
+    def delete_if_held_by(self, token: str) -> None:
+        """Delete the lock only while `token` holds it: one atomic step, so a newer holder's lock is never lost."""
+        self.client.eval(_RELEASE, 1, self.key, token)
 
     def __enter__(self) -> HeartbeatLock:
         return self

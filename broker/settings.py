@@ -7,8 +7,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+# Spelled once, by the storage layer that opens it (storage sits below broker).
+from storage import DEFAULT_STORAGE_URL
+
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_STORAGE_URL = "./darkroom-data"
+# A worker serves Prometheus metrics when its environment names a port (`darkroom worker --metrics-port` sets it).
+METRICS_PORT_ENV = "DARKROOM_METRICS_PORT"
+METRICS_ADDRESS_ENV = "DARKROOM_METRICS_ADDRESS"
 
 
 @dataclass(frozen=True)

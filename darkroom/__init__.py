@@ -7,6 +7,9 @@ openvino or nncf (worker-side code lives in `workers`).
 from darkroom.batches import BatchHandle, BatchSummary, batch_summary
 from darkroom.convert import submit_convert
 from darkroom.submit import submit
+from tasks.request import GenerationRequest
 from tasks.version import __version__
 
-__all__ = ["BatchHandle", "BatchSummary", "__version__", "batch_summary", "submit", "submit_convert"]
+__all__ = [
+    "BatchHandle", "BatchSummary", "GenerationRequest", "__version__", "batch_summary", "submit", "submit_convert",
+]

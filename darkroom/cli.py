@@ -8,11 +8,25 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import redis
+from kombu.exceptions import OperationalError
+
+from broker.settings import redact_url
+from darkroom import submit
+from darkroom.batches import batch_summary
 from darkroom.cli_common import EXIT_FAILED_ITEMS, EXIT_INVALID, EXIT_UNAVAILABLE, check_batch, fail, settings_of
 from darkroom.cli_demo_model import add_demo_model_commands
 from darkroom.cli_models import add_model_commands
 from darkroom.cli_ops import add_ops_commands
+from darkroom.convert import submit_convert
+from darkroom.demo import run_demo
 from darkroom.progress_view import print_summary, wait_with_progress
+from storage import ObjectNotFound, StorageError, keys, open_storage
+from tasks.errors import InvalidRequest, ServiceUnavailable
+from tasks.families import COMMON_DEFAULTS, FAMILY_RULES, WUERSTCHEN
+from tasks.names import ANNOTATORS, DEFAULT_DEVICE, SCHEDULER_NAMES
+from tasks.request import GenerationRequest
+from tasks.tokens import LONG_PROMPT_POLICIES
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,19 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_reporting_errors(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """User errors and unreachable services are one line on stderr and an exit code, never a traceback."""
-    import redis
-    from kombu.exceptions import OperationalError
-
-    from storage import StorageError
-    from tasks.errors import InvalidRequest, ServiceUnavailable
-
     try:
         return func(args)
     except InvalidRequest as exc:
         return fail(str(exc), EXIT_INVALID)
     except (ServiceUnavailable, StorageError, OperationalError, redis.ConnectionError, redis.TimeoutError) as exc:
-        from broker.settings import redact_url
-
         message = str(exc)
         for url in (getattr(args, "broker_url", None), getattr(args, "storage_url", None)):
             if url:
@@ -51,20 +57,22 @@ def run_reporting_errors(func: Callable[[argparse.Namespace], int], args: argpar
         return 130
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    from darkroom import submit
+# The `darkroom submit` flags that are fields of the request, under the request's own names.
+SUBMIT_FIELDS = ("model", "steps", "guidance", "width", "height", "seed", "negative_prompt", "images_per_prompt",
+                 "scheduler", "device", "precision", "batch_id", "column", "queue", "skip_invalid", "long_prompts",
+                 "control_image", "annotator", "controlnet_scale", "init_image", "strength", "watermark",
+                 "prior_steps", "prior_guidance")
 
-    handle = submit(
-        args.prompts if args.prompts != "-" else sys.stdin.read().splitlines(), model=args.model,
-        steps=args.steps, guidance=args.guidance, width=args.width, height=args.height, seed=args.seed,
-        negative_prompt=args.negative_prompt or "", images_per_prompt=args.images_per_prompt,
-        scheduler=args.scheduler, device=args.device, precision=args.precision, batch_id=args.batch_id,
-        column=args.column, queue=args.queue, skip_invalid=args.skip_invalid, settings=settings_of(args),
-        long_prompts=args.long_prompts, control_image=args.control_image, annotator=args.annotator,
-        controlnet_scale=args.controlnet_scale,
-        init_image=args.init_image, strength=args.strength, watermark=args.watermark,
-        prior_steps=args.prior_steps, prior_guidance=args.prior_guidance,
-    )
+
+def request_from_args(args: argparse.Namespace) -> GenerationRequest:
+    """The one request object from `darkroom submit`'s flags; flags left out stay None (the defaults apply)."""
+    prompts = args.prompts if args.prompts != "-" else sys.stdin.read().splitlines()
+    given = {name: getattr(args, name) for name in SUBMIT_FIELDS if getattr(args, name) is not None}
+    return GenerationRequest.build(prompts, **given)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    handle = submit(request_from_args(args), settings=settings_of(args))
     for problem in handle.invalid:
         print(f"darkroom: skipped {problem}", file=sys.stderr)
     if not args.wait:
@@ -79,8 +87,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from darkroom.batches import batch_summary
-
     summary = batch_summary(check_batch(args.batch), settings_of(args))
     if args.json:
         print(json.dumps(summary.as_json(), indent=2))
@@ -90,14 +96,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from darkroom.batches import batch_summary
-    from storage import keys, open_storage
-
     settings = settings_of(args)
     summary = batch_summary(check_batch(args.batch), settings)
     if args.download:
-        from storage import ObjectNotFound
-
         storage = open_storage(settings.storage_url)
         target = Path(args.download)
         target.mkdir(parents=True, exist_ok=True)
@@ -121,7 +122,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.runtime.serve import InvalidCores, UnknownDevice, run_worker
+    from workers.serve import InvalidCores, UnknownDevice, run_worker
 
     queues = [q for q in (args.queues or "").split(",") if q] or None
     try:
@@ -133,8 +134,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from darkroom.convert import submit_convert
-
     result = submit_convert(args.source, name=args.name, weight_format=args.weight_format,
                             settings=settings_of(args), make_default=not args.no_default, family=args.family)
     if not args.wait:
@@ -152,13 +151,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from darkroom.demo import run_demo
-
     return run_demo(Path(args.data_dir), steps=args.steps, size=args.size)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tasks.names import ANNOTATORS, SCHEDULER_NAMES
+    WUERSTCHEN_DEFAULTS = FAMILY_RULES[WUERSTCHEN].defaults
 
     parser = argparse.ArgumentParser(prog="darkroom", description=__doc__)
     parser.add_argument("--broker-url", help="Redis URL (env DARKROOM_BROKER_URL)")
@@ -173,16 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="submit a prompt batch")
     p.add_argument("prompts", help=".txt, .jsonl, .csv, a datasets folder/file/name, or - for stdin")
-    p.add_argument("--model", required=True)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--guidance", type=float)
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
+    p.add_argument("--model", required=True, help="a converted model's name (see `darkroom models`)")
+    p.add_argument("--steps", type=int, help=f"denoising steps (default {COMMON_DEFAULTS['steps']}; Wuerstchen: "
+                   f"{WUERSTCHEN_DEFAULTS['steps']}, the decoder's)")
+    p.add_argument("--guidance", type=float, help=f"classifier-free guidance (default {COMMON_DEFAULTS['guidance']}; "
+                   f"Wuerstchen: {WUERSTCHEN_DEFAULTS['guidance']}, the decoder's)")
+    p.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the model's own size)")
+    p.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's own size)")
     p.add_argument("--seed", type=int, help="batch seed; item seeds derive from it and the item index")
-    p.add_argument("--negative-prompt")
-    p.add_argument("--images-per-prompt", type=int, default=1)
+    p.add_argument("--negative-prompt", help="what every image should not show (a negative_prompt column "
+                   "overrides it per item)")
+    p.add_argument("--images-per-prompt", type=int,
+                   help=f"images of each prompt (default {COMMON_DEFAULTS['images_per_prompt']})")
     p.add_argument("--scheduler", help=f"one of {', '.join(SCHEDULER_NAMES)}")
-    p.add_argument("--device", default="CPU", help="OpenVINO device whose queue takes the batch")
+    p.add_argument("--device", help=f"OpenVINO device whose queue takes the batch (default {DEFAULT_DEVICE})")
     p.add_argument("--precision", help="pin an artifact precision (fp16, fp32, int8)")
     p.add_argument("--batch-id", help="name the batch; resubmitting a name only enqueues unfinished items")
     p.add_argument("--column", help="the prompt column of a CSV or dataset")
@@ -192,17 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "(a control_image column of a .jsonl/.csv overrides it per item)")
     p.add_argument("--annotator", help=f"ControlNet models: annotate the control image first, one of "
                    f"{', '.join(ANNOTATORS)}")
-    p.add_argument("--controlnet-scale", type=float, help="ControlNet models: weight of the control (default 1.0)")
+    p.add_argument("--controlnet-scale", type=float, help=f"ControlNet models: weight of the control (default "
+                   f"{COMMON_DEFAULTS['controlnet_scale']})")
     p.add_argument("--init-image", metavar="PATH", help="SD 1.x image-to-image: the image every item starts from "
                    "(an init_image column of a .jsonl/.csv overrides it per item); it sets the output size")
-    p.add_argument("--strength", type=float, help="image-to-image: how much to redraw, in (0, 1] (default 0.8)")
-    p.add_argument("--prior-steps", type=int, help="Wuerstchen models: the prior's steps (default 60; --steps "
-                   "is the decoder's, default 12)")
-    p.add_argument("--prior-guidance", type=float, help="Wuerstchen models: the prior's guidance (default 4.0; "
-                   "--guidance is the decoder's, default 0.0)")
+    p.add_argument("--strength", type=float, help=f"image-to-image: how much to redraw, in (0, 1] (default "
+                   f"{COMMON_DEFAULTS['strength']})")
+    p.add_argument("--prior-steps", type=int, help=f"Wuerstchen models: the prior's steps (default "
+                   f"{WUERSTCHEN_DEFAULTS['prior_steps']}; --steps is the decoder's)")
+    p.add_argument("--prior-guidance", type=float, help=f"Wuerstchen models: the prior's guidance (default "
+                   f"{WUERSTCHEN_DEFAULTS['prior_guidance']}; --guidance is the decoder's)")
     p.add_argument("--watermark", metavar="TEXT", help="embed TEXT as an invisible watermark in every image "
                    "(images of at least 256x256; recorded in the PNG metadata)")
-    p.add_argument("--long-prompts", choices=("reject", "truncate"), default="reject",
+    p.add_argument("--long-prompts", choices=LONG_PROMPT_POLICIES,
                    help="prompts longer than the model's tokens: refuse the batch (default), or render the "
                         "first tokens and record a warning in the item's result")
     p.add_argument("--wait", action="store_true", help="show progress; exit 1 if any item failed")
@@ -220,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     p = sub.add_parser("worker", help="run a worker pinned to one OpenVINO device")
-    p.add_argument("--device", default="CPU")
+    p.add_argument("--device", default=DEFAULT_DEVICE, help="the OpenVINO device this worker is pinned to")
     p.add_argument("--queues", help="comma-separated queues (default: generate.DEVICE)")
     p.add_argument("--preload", action="append", metavar="MODEL", help="compile MODEL before taking jobs")
     p.add_argument("--concurrency", type=int, default=1)

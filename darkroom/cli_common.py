@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from broker.settings import Settings
 from storage import keys
 from tasks.errors import InvalidRequest
 
@@ -20,8 +21,6 @@ def fail(message: str, code: int) -> int:
 
 
 def settings_of(args: argparse.Namespace) -> Any:
-    from broker.settings import Settings
-
     return Settings.from_env(broker_url=args.broker_url, storage_url=args.storage_url)
 
 

@@ -7,7 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from darkroom.cli_common import EXIT_INVALID, fail, settings_of
+from darkroom.batches import batch_summary
+from darkroom.cli_common import EXIT_INVALID, check_batch, fail, settings_of
+from darkroom.demo_model import shipped_model_dir
+from storage import open_storage
 
 
 def add_demo_model_commands(sub: Any) -> None:
@@ -72,12 +75,9 @@ def cmd_train_demo_model(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from darkroom.batches import batch_summary
-    from darkroom.cli_common import check_batch
-    from storage import open_storage
     from workers.demo_model.batch_score import default_scorer_dir, score_batch
 
-    scorer = Path(args.scorer) if args.scorer else default_scorer_dir()
+    scorer = Path(args.scorer) if args.scorer else default_scorer_dir(shipped_model_dir())
     if not (scorer / "config.json").is_file():
         return fail(f"--scorer {scorer}: no scorer there (expected config.json and model.safetensors)", EXIT_INVALID)
     settings = settings_of(args)

@@ -6,13 +6,16 @@ import argparse
 import json
 from typing import Any
 
+from broker.progress import BatchProgress
+from broker.schedule import add_schedule, list_schedules, remove_schedule, run_beat
+from darkroom.calibration import calibrate_job, promote, roll_back, submit_calibrate
 from darkroom.cli_common import EXIT_INVALID, fail, settings_of
+from storage import ObjectNotFound, keys, open_storage
+from tasks.models import default_of, float_base, list_artifacts
+from tasks.names import CALIBRATION_MODES
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from storage import ObjectNotFound, keys, open_storage
-    from tasks.models import default_of, list_artifacts
-
     storage = open_storage(settings_of(args).storage_url)
     artifacts = list_artifacts(storage, args.name)
     for m in artifacts:
@@ -62,8 +65,6 @@ def _print_report(report: dict[str, Any]) -> None:
 
 
 def _job(args: argparse.Namespace) -> Any:
-    from darkroom.calibration import calibrate_job
-
     return calibrate_job(args.name, dataset=args.dataset, subset_size=args.subset_size, mode=args.mode,
                          steps=args.steps, min_speedup=args.min_speedup, min_psnr_db=args.min_psnr,
                          max_adherence_drop=args.max_adherence_drop,
@@ -71,8 +72,6 @@ def _job(args: argparse.Namespace) -> Any:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from darkroom.calibration import submit_calibrate
-
     result = submit_calibrate(_job(args), settings=settings_of(args))
     if not args.wait:
         print(f"calibration {result.id} queued")
@@ -93,29 +92,20 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from darkroom.calibration import promote
-
     record = promote(args.name, args.fingerprint, settings=settings_of(args))
     print(f"{args.name}: default is now {record['precision']} {record['fingerprint']}")
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from darkroom.calibration import roll_back
-
     record = roll_back(args.name, settings=settings_of(args))
     print(f"{args.name}: default is back to {record['precision']} {record['fingerprint']}")
     return 0
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from broker.schedule import add_schedule, list_schedules, remove_schedule
-
     settings = settings_of(args)
     if args.action == "add":
-        from storage import open_storage
-        from tasks.models import float_base
-
         float_base(open_storage(settings.storage_url), args.name)  # an unknown model fails now, not at 2 am
         info = add_schedule(settings, _job(args), cron=args.cron, every=args.every)
         print(f"{info.model}: calibration {info.when}, next at {info.next_run}")
@@ -132,9 +122,6 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def cmd_beat(args: argparse.Namespace) -> int:
-    from broker.progress import BatchProgress
-    from broker.schedule import run_beat
-
     settings = settings_of(args)
     BatchProgress(settings.broker_url).ping()
     run_beat(settings, loglevel=args.loglevel)
@@ -142,8 +129,6 @@ def cmd_beat(args: argparse.Namespace) -> int:
 
 
 def _calibration_options(p: argparse.ArgumentParser) -> None:
-    from tasks.names import CALIBRATION_MODES
-
     p.add_argument("--dataset", help="a local JSON/JSONL/CSV/text file or folder, or a cached dataset name")
     p.add_argument("--subset-size", type=int)
     p.add_argument("--mode", choices=CALIBRATION_MODES)

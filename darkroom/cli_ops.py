@@ -9,7 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from broker.app import make_app
+from broker.metrics import serve_exporter
+from broker.progress import BatchProgress
+from broker.settings import METRICS_ADDRESS_ENV, METRICS_PORT_ENV
+from darkroom.batches import batch_summary
 from darkroom.cli_common import EXIT_INVALID, fail, settings_of
+from darkroom.gallery import default_gallery_dir, write_gallery
+from storage import keys, open_storage
+from tasks.errors import InvalidRequest
 
 FLOWER_AUTH_ENV = "DARKROOM_FLOWER_AUTH"
 FLOWER_PORT = 5555
@@ -18,8 +26,6 @@ EXPORTER_PORT = 9808
 
 def check_flower_auth(value: str | None) -> list[str]:
     """The `user:password` pairs of DARKROOM_FLOWER_AUTH (comma-separated); InvalidRequest if there are none."""
-    from tasks.errors import InvalidRequest
-
     if not value or not value.strip():
         raise InvalidRequest(f"{FLOWER_AUTH_ENV} is not set: Flower needs basic auth, e.g. "
                              f"export {FLOWER_AUTH_ENV}=admin:$(openssl rand -hex 16)")
@@ -34,14 +40,12 @@ def check_flower_auth(value: str | None) -> list[str]:
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
-    from broker.app import make_app
-    from broker.progress import BatchProgress
-
     pairs = check_flower_auth(os.environ.get(FLOWER_AUTH_ENV))
     try:
         import flower  # noqa: F401  (its celery subcommand is found through an entry point)
     except ImportError:
-        return fail("Flower is not installed: pip install 'darkroom[ops]'", EXIT_INVALID)
+        return fail("Flower is not installed: install the ops extra (`pip install '.[ops]'` in darkroom's "
+                    "checkout)", EXIT_INVALID)
     settings = settings_of(args)
     BatchProgress(settings.broker_url).ping()
     if args.address not in ("127.0.0.1", "localhost", "::1"):
@@ -60,8 +64,8 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     try:
         import prometheus_client  # noqa: F401
     except ImportError:
-        return fail("the exporter needs prometheus-client: pip install 'darkroom[ops]'", EXIT_INVALID)
-    from broker.metrics import serve_exporter
+        return fail("the exporter needs prometheus-client: install the ops extra (`pip install '.[ops]'` in "
+                    "darkroom's checkout)", EXIT_INVALID)
 
     queues = [q for q in (args.queues or "").split(",") if q]
     serve_exporter(settings_of(args), port=args.port, address=args.address, queues=queues)
@@ -69,11 +73,6 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_gallery(args: argparse.Namespace) -> int:
-    from darkroom.batches import batch_summary
-    from darkroom.gallery import default_gallery_dir, write_gallery
-    from storage import keys, open_storage
-    from tasks.errors import InvalidRequest
-
     try:
         batch_id = keys.check_name("batch", args.batch)
     except ValueError as exc:
@@ -104,12 +103,10 @@ def _add_worker_metrics(sub: Any) -> None:
     run: Callable[[argparse.Namespace], int] = worker.get_default("func")
 
     def run_with_metrics(args: argparse.Namespace) -> int:
-        from workers.runtime.metrics import ENV_ADDRESS, ENV_PORT
-
         if args.metrics_port is not None:
-            os.environ[ENV_PORT] = str(args.metrics_port)
+            os.environ[METRICS_PORT_ENV] = str(args.metrics_port)
         if args.metrics_address:
-            os.environ[ENV_ADDRESS] = args.metrics_address
+            os.environ[METRICS_ADDRESS_ENV] = args.metrics_address
         return run(args)
 
     worker.set_defaults(func=run_with_metrics)

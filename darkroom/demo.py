@@ -10,6 +10,12 @@ import time
 from pathlib import Path
 
 from broker.settings import Settings
+from darkroom import submit
+from darkroom.contact_sheet import write_contact_sheet
+from darkroom.convert import submit_convert
+from darkroom.demo_model import shipped_model_dir
+from darkroom.progress_view import print_summary, wait_with_progress
+from storage import keys, open_storage
 
 DEMO_MODEL = "demo-shapes"
 # The built-in model draws one coloured shape (darkroom/data/demo-model/README.md): prompts from its grammar.
@@ -54,8 +60,6 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _demo_model() -> Path:
-    from workers.demo_model import shipped_model_dir
-
     source = shipped_model_dir()
     print(f"[2/5] the built-in demo model (trained to draw coloured shapes) at {source}")
     return source
@@ -73,8 +77,6 @@ def _start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]
 
 
 def _convert(source: Path, settings: Settings) -> None:
-    from darkroom.convert import submit_convert
-
     started = time.perf_counter()
     outcome = submit_convert(str(source), name=DEMO_MODEL, settings=settings).get(timeout=900)
     if outcome.get("status") != "done":
@@ -83,11 +85,6 @@ def _convert(source: Path, settings: Settings) -> None:
 
 
 def _render(settings: Settings, *, steps: int, size: int, seed: int) -> int:
-    from darkroom import submit
-    from darkroom.contact_sheet import write_contact_sheet
-    from darkroom.progress_view import print_summary, wait_with_progress
-    from storage import open_storage
-
     handle = submit(DEMO_PROMPTS, model=DEMO_MODEL, steps=steps, width=size, height=size, seed=seed,
                     guidance=DEMO_GUIDANCE, settings=settings)
     print(f"[5/5] batch {handle.batch_id}: {handle.total} prompts through the queue")
@@ -95,7 +92,7 @@ def _render(settings: Settings, *, steps: int, size: int, seed: int) -> int:
     print_summary(summary, as_json=False)
     storage = open_storage(settings.storage_url)
     sheet = write_contact_sheet(storage, summary.batch_id, list(summary.items))
-    print(f"images: {storage.uri(f'images/{summary.batch_id}/')}")
+    print(f"images: {storage.uri(keys.batch_images_prefix(summary.batch_id))}")
     print(f"contact sheet: {sheet}")
     return 1 if summary.failed else 0
 

@@ -15,9 +15,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from tasks.errors import InvalidRequest, InvalidRequests
+from tasks.names import PROMPT_COLUMNS
+from tasks.request import check_limits
 from tasks.schemas import ItemRequest, Limits, invalid_from_validation
-
-PROMPT_COLUMNS = ("prompt", "text", "caption")
 
 
 @dataclass(frozen=True)
@@ -81,19 +81,7 @@ def _item(raw: Any, line: int, limits: Limits) -> ItemRequest:
         item = ItemRequest.model_validate(data)
     except ValidationError as exc:
         raise invalid_from_validation(exc, line=line) from None
-    if len(item.prompt) > limits.max_prompt_chars:
-        raise InvalidRequest(f"longer than {limits.max_prompt_chars} characters", field="prompt", line=line)
-    if item.steps is not None and item.steps > limits.max_steps:
-        raise InvalidRequest(f"{item.steps} is more than {limits.max_steps}", field="steps", line=line)
-    if item.guidance is not None and item.guidance > limits.max_guidance:
-        raise InvalidRequest(f"{item.guidance} is more than {limits.max_guidance}", field="guidance", line=line)
-    from tasks.wuerstchen import check_prior_limits
-
-    check_prior_limits(item.prior_steps, item.prior_guidance, limits, line)
-    ipp = item.images_per_prompt
-    if ipp is not None and ipp > limits.max_images_per_prompt:
-        raise InvalidRequest(f"{ipp} is more than {limits.max_images_per_prompt}", field="images_per_prompt",
-                             line=line)
+    check_limits(item.model_dump(exclude_none=True), limits, line=line)
     return item
 
 

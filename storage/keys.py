@@ -6,6 +6,7 @@ address an object outside its own folder (`..`, `/`, control characters) nor col
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -42,37 +43,53 @@ def check_fingerprint(fingerprint: str) -> str:
     return fingerprint
 
 
-def _batch_prefix(batch_id: str) -> str:
+def relative_key(prefix: str, key: str) -> str:
+    """The rest of `key` after the folder `prefix` (the name download_prefix gives its local file).
+
+    InvalidName when `key` is not inside `prefix`, so a caller never mistakes another folder's object for its own.
+    """
+    if not prefix.endswith("/") or not key.startswith(prefix) or key == prefix:
+        raise InvalidName(f"{key!r} is not an object inside the folder {prefix!r}")
+    return key[len(prefix):]
+
+
+def batch_images_prefix(batch_id: str) -> str:
+    """The folder of one batch: its images, item records, request, manifest and contact sheet."""
     return f"images/{check_name('batch', batch_id)}/"
 
 
 def image_key(batch_id: str, index: int) -> str:
-    return f"{_batch_prefix(batch_id)}{check_index(index):05d}.png"
+    return f"{batch_images_prefix(batch_id)}{check_index(index):05d}.png"
 
 
 def item_record_key(batch_id: str, index: int) -> str:
-    return f"{_batch_prefix(batch_id)}items/{check_index(index):05d}.json"
+    return f"{batch_images_prefix(batch_id)}items/{check_index(index):05d}.json"
 
 
 def batch_request_key(batch_id: str) -> str:
-    return f"{_batch_prefix(batch_id)}request.json"
+    return f"{batch_images_prefix(batch_id)}request.json"
 
 
 def batch_manifest_key(batch_id: str) -> str:
-    return f"{_batch_prefix(batch_id)}manifest.json"
+    return f"{batch_images_prefix(batch_id)}manifest.json"
 
 
 def contact_sheet_key(batch_id: str) -> str:
-    return f"{_batch_prefix(batch_id)}contact-sheet.png"
+    return f"{batch_images_prefix(batch_id)}contact-sheet.png"
 
 
 def batch_adherence_key(batch_id: str) -> str:
     """`darkroom score`'s prompt-adherence result, beside the batch manifest."""
-    return f"{_batch_prefix(batch_id)}adherence.json"
+    return f"{batch_images_prefix(batch_id)}adherence.json"
 
 
 def models_prefix() -> str:
     return "models/"
+
+
+def model_prefix(name: str) -> str:
+    """The folder of one model: its artifacts (one folder per precision), default and calibration records."""
+    return f"{models_prefix()}{check_name('model', name)}/"
 
 
 def check_precision(precision: str) -> str:
@@ -83,36 +100,98 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+# File names inside an artifact folder, in storage and in a worker's local copy of it alike (the copy keeps
+# the key's layout, so a reader of the local folder names them through these too).
+ARTIFACT_MANIFEST = "manifest.json"
+ARTIFACT_REPORT = "report.json"
+
+
 def model_artifact_prefix(name: str, precision: str, fingerprint: str) -> str:
-    return (f"{models_prefix()}{check_name('model', name)}/{check_precision(precision)}/"
-            f"{check_fingerprint(fingerprint)}/")
+    return f"{model_prefix(name)}{check_precision(precision)}/{check_fingerprint(fingerprint)}/"
+
+
+def artifact_file_key(name: str, precision: str, fingerprint: str, relpath: str) -> str:
+    """One file of an artifact, by its path inside the artifact folder (e.g. `tokenizer/tokenizer.json`).
+
+    Every part of `relpath` is checked like a name, so a path from a manifest or a request cannot leave the folder.
+    """
+    if not isinstance(relpath, str) or not relpath:
+        raise InvalidName(f"invalid artifact file {relpath!r}: give a path such as 'tokenizer/tokenizer.json'")
+    for part in relpath.split("/"):
+        check_name("artifact file", part)
+    return model_artifact_prefix(name, precision, fingerprint) + relpath
 
 
 def model_artifact_manifest_key(name: str, precision: str, fingerprint: str) -> str:
-    return model_artifact_prefix(name, precision, fingerprint) + "manifest.json"
+    return artifact_file_key(name, precision, fingerprint, ARTIFACT_MANIFEST)
+
+
+def parse_artifact_manifest_key(key: str) -> tuple[str, str, str]:
+    """(name, precision, fingerprint) of an artifact manifest's key; InvalidName for any other key.
+
+    The inverse of model_artifact_manifest_key: a key is taken for a manifest only if building it again from
+    its parts gives the same key, so a batch manifest, a default or a calibration record never is.
+    """
+    parts = key.split("/") if isinstance(key, str) else []
+    if len(parts) == 5:
+        name, precision, fingerprint = parts[1:4]
+        try:
+            if model_artifact_manifest_key(name, precision, fingerprint) == key:
+                return name, precision, fingerprint
+        except InvalidName:
+            pass
+    raise InvalidName(f"{key!r} is not an artifact manifest key "
+                      f"(expected {models_prefix()}<name>/<precision>/<fingerprint>/{ARTIFACT_MANIFEST})")
+
+
+def is_artifact_manifest_key(key: str) -> bool:
+    """Whether `key` is an artifact's manifest (models/<name>/<precision>/<fingerprint>/manifest.json)."""
+    try:
+        parse_artifact_manifest_key(key)
+    except InvalidName:
+        return False
+    return True
 
 
 def model_default_key(name: str) -> str:
-    return f"{models_prefix()}{check_name('model', name)}/default.json"
+    return f"{model_prefix(name)}default.json"
 
 
 def model_report_key(name: str, precision: str, fingerprint: str) -> str:
-    return model_artifact_prefix(name, precision, fingerprint) + "report.json"
+    return artifact_file_key(name, precision, fingerprint, ARTIFACT_REPORT)
 
 
 def calibration_runs_prefix(name: str) -> str:
     """Where every calibration run of a model leaves its record (done, skipped or failed)."""
-    return f"{models_prefix()}{check_name('model', name)}/calibrations/"
+    return f"{model_prefix(name)}calibrations/"
 
 
 def calibration_run_key(name: str, stamp: str) -> str:
     return f"{calibration_runs_prefix(name)}{check_name('calibration run', stamp)}.json"
 
 
-def compiled_blob_prefix(device: str, signature: str, name: str, precision: str, fingerprint: str) -> str:
-    """OpenVINO compiled blobs of one artifact for one kind of device (workers/runtime/blob_cache.py)."""
-    return (f"ov-cache/{check_name('device', device)}/{check_fingerprint(signature)}/{check_name('model', name)}/"
+_COMPILED_BLOBS = "ov-cache/"
+
+
+def compiled_blob_prefix(device: str, signature: str, name: str, precision: str, fingerprint: str, *,
+                         weightless: bool = False) -> str:
+    """OpenVINO compiled blobs of one artifact for one kind of device (workers/runtime/blob_cache.py).
+
+    Weightless blobs (CACHE_MODE=OPTIMIZE_SIZE) get a signature, so folders and keys, of their own: OpenVINO
+    names them like full blobs, and a worker of one mode would otherwise pull the other mode's blobs.
+    """
+    check_fingerprint(signature)
+    if weightless:
+        signature = hashlib.sha256(f"{signature}\nweightless".encode()).hexdigest()[:16]
+    return (f"{_COMPILED_BLOBS}{check_name('device', device)}/{signature}/{check_name('model', name)}/"
             f"{check_precision(precision)}/{check_fingerprint(fingerprint)}/")
+
+
+def compiled_blob_key(blob_prefix: str, file_name: str) -> str:
+    """One blob file (OpenVINO's `<hash>.blob`) in a compiled_blob_prefix folder."""
+    if not blob_prefix.startswith(_COMPILED_BLOBS) or not blob_prefix.endswith("/"):
+        raise InvalidName(f"{blob_prefix!r} is not a compiled-blob folder (see compiled_blob_prefix)")
+    return blob_prefix + check_name("compiled blob", file_name)
 
 
 def download_path(directory: str | os.PathLike[str], key: str) -> Path:

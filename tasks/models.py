@@ -25,8 +25,8 @@ class ModelRef:
 
 def list_artifacts(storage: Storage, name: str | None = None) -> list[dict[str, Any]]:
     """Every artifact manifest under models/ (or one model's), oldest first."""
-    prefix = keys.models_prefix() + (f"{keys.check_name('model', name)}/" if name else "")
-    manifests = [storage.get_json(k) for k in storage.list_keys(prefix) if _is_artifact_manifest(k)]
+    prefix = keys.model_prefix(name) if name else keys.models_prefix()
+    manifests = [storage.get_json(k) for k in storage.list_keys(prefix) if keys.is_artifact_manifest_key(k)]
     return sorted(manifests, key=lambda m: (m.get("name", ""), m.get("created", "")))
 
 
@@ -65,12 +65,6 @@ def resolve_model(storage: Storage, name: str, precision: str | None = None) -> 
     return ModelRef(name=name, precision=chosen["precision"], fingerprint=chosen["fingerprint"],
                     family=chosen.get("family", "sd"), width=int(d.get("width", 512)),
                     height=int(d.get("height", 512)), scheduler=d.get("scheduler", "pndm"))
-
-
-def _is_artifact_manifest(key: str) -> bool:
-    # models/<name>/<precision>/<fingerprint>/manifest.json
-    parts = key.split("/")
-    return len(parts) == 5 and parts[-1] == "manifest.json"
 
 
 FLOAT_PRECISIONS = ("fp32", "fp16")

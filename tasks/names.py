@@ -24,6 +24,13 @@ CALIBRATION_MODES: tuple[str, ...] = ("int8", "weights-int8", "hybrid")
 ANNOTATORS: tuple[str, ...] = ("canny", "openpose", "mlsd", "hed", "lineart", "depth", "segment")
 
 
+# The columns a dataset of prompts is read from, the first one present (prompt batches and calibration sets).
+PROMPT_COLUMNS: tuple[str, ...] = ("prompt", "text", "caption")
+
+# The device a request is routed to, and a worker pinned to, unless told otherwise.
+DEFAULT_DEVICE = "CPU"
+
+
 def generate_queue(device: str) -> str:
     """The generation queue a worker pinned to `device` consumes, e.g. generate.CPU, generate.GPU.0."""
     return f"generate.{device}"

@@ -5,20 +5,21 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from tasks.errors import InvalidRequest
-from tasks.names import ANNOTATORS, CALIBRATION_MODES, FAMILIES, SCHEDULER_NAMES
+from tasks.names import ANNOTATORS, CALIBRATION_MODES, DEFAULT_DEVICE, FAMILIES, SCHEDULER_NAMES
+from tasks.tokens import LONG_PROMPT_POLICIES, LongPrompts
 
 MAX_SEED = 2**63 - 1
 # An invisible watermark carries its text as bits in the image: short texts only (workers/pipelines/watermark.py).
 MAX_WATERMARK_CHARS = 32
 MAX_CONTROLNET_SCALE = 5.0
-# What to do with a prompt longer than the model's text encoder takes (CLIP: 77 tokens, ends included).
-LONG_PROMPT_POLICIES = ("reject", "truncate")
-LongPrompts = Literal["reject", "truncate"]
+# Defaults a job falls back to when its request leaves them out (tasks/families.py has the rest).
+DEFAULT_CONTROLNET_SCALE = 1.0
+DEFAULT_STRENGTH = 0.8
 
 
 @dataclass(frozen=True)
@@ -42,30 +43,103 @@ class Limits:
         return cls(**{f: number(f, getattr(cls, f)) for f in cls.__dataclass_fields__})
 
 
+# --- Field types: each field's type and range, defined once and shared by the request, an item of a prompt
+# file and the job a worker receives. The farm's configurable limits (Limits) are checked by check_limits.
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # JSON true is not 1 step
+        raise ValueError(f"expected a number, got {str(value).lower()}")
+    return value
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+def _unicode_text(value: str) -> str:
+    # A JSONL "\ud800" escape decodes to a lone surrogate: not text, and not storable as UTF-8.
+    if not value.isprintable():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"not valid Unicode text (a lone surrogate at character {exc.start + 1})") from None
+    return value
+
+
+def _controlnet_scale(value: float) -> float:
+    if not 0.0 <= value <= MAX_CONTROLNET_SCALE:  # NaN fails too
+        raise ValueError(f"{value} is outside 0..{MAX_CONTROLNET_SCALE}")
+    return value
+
+
+def _strength(value: float) -> float:
+    if not 0.0 < value <= 1.0:  # NaN fails too
+        raise ValueError(f"{value} is outside (0, 1]")
+    return value
+
+
+def check_annotator(name: str) -> str:
+    normalized = name.strip().lower()
+    if normalized not in ANNOTATORS:
+        raise ValueError(f"unknown annotator {name!r}; choose one of {', '.join(ANNOTATORS)}")
+    return normalized
+
+
+def check_scheduler(name: str) -> str:
+    normalized = name.strip().lower()
+    if normalized not in SCHEDULER_NAMES:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
+    return normalized
+
+
+def check_watermark(text: str) -> str:
+    if not text or len(text) > MAX_WATERMARK_CHARS or not text.isprintable():
+        raise ValueError(f"{text!r}: give 1-{MAX_WATERMARK_CHARS} printable characters")
+    return text
+
+
+Seed = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=MAX_SEED)]
+Steps = Annotated[int, BeforeValidator(_not_bool), Field(ge=1)]
+Guidance = Annotated[float, BeforeValidator(_not_bool), Field(ge=0.0), AfterValidator(_finite)]
+Side = Annotated[int, BeforeValidator(_not_bool), Field(ge=8)]
+ImagesPerPrompt = Annotated[int, BeforeValidator(_not_bool), Field(ge=1)]
+ControlnetScale = Annotated[float, BeforeValidator(_not_bool), AfterValidator(_controlnet_scale)]
+Strength = Annotated[float, BeforeValidator(_not_bool), AfterValidator(_strength)]
+PromptText = Annotated[str, AfterValidator(_unicode_text)]
+SchedulerName = Annotated[str, AfterValidator(check_scheduler)]
+AnnotatorName = Annotated[str, AfterValidator(check_annotator)]
+WatermarkText = Annotated[str, AfterValidator(check_watermark)]
+
+
 class ItemRequest(BaseModel):
-    """One prompt as a user writes it: a line of a prompt file, with optional per-item overrides."""
+    """One prompt as a user writes it: a line of a prompt file, with optional per-item overrides.
+
+    None means "not set here": the batch's request, then the model's and its family's defaults apply.
+    """
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    prompt: str
-    negative_prompt: str | None = None
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    steps: int | None = Field(default=None, ge=1)
-    guidance: float | None = Field(default=None, ge=0.0)
-    width: int | None = Field(default=None, ge=8)
-    height: int | None = Field(default=None, ge=8)
-    scheduler: str | None = None
-    images_per_prompt: int | None = Field(default=None, ge=1)
+    prompt: PromptText
+    negative_prompt: PromptText | None = None
+    seed: Seed | None = None
+    steps: Steps | None = None
+    guidance: Guidance | None = None
+    width: Side | None = None
+    height: Side | None = None
+    scheduler: SchedulerName | None = None
+    images_per_prompt: ImagesPerPrompt | None = None
     # ControlNet models: a local image file (relative to the prompts file's folder), its annotator, its weight.
     control_image: str | None = None
-    annotator: str | None = None
-    controlnet_scale: float | None = Field(default=None, ge=0.0, le=MAX_CONTROLNET_SCALE)
+    annotator: AnnotatorName | None = None
+    controlnet_scale: ControlnetScale | None = None
     # Image-to-image (SD 1.x): a local image file (relative to the prompts file's folder) and how much to change it.
     init_image: str | None = None
-    strength: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    strength: Strength | None = None
     # Wuerstchen models: the prior's (stage C) steps and guidance; steps and guidance are the decoder's.
-    prior_steps: int | None = Field(default=None, ge=1)
-    prior_guidance: float | None = Field(default=None, ge=0.0)
+    prior_steps: Steps | None = None
+    prior_guidance: Guidance | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -73,42 +147,6 @@ class ItemRequest(BaseModel):
         if not value:
             raise ValueError("the prompt is empty")
         return value
-
-    @field_validator("seed", "steps", "guidance", "width", "height", "images_per_prompt", "prior_steps",
-                     "prior_guidance", mode="before")
-    @classmethod
-    def _not_bool(cls, value: Any) -> Any:
-        if isinstance(value, bool):  # JSON true is not 1 step
-            raise ValueError(f"expected a number, got {str(value).lower()}")
-        return value
-
-    @field_validator("prompt", "negative_prompt")
-    @classmethod
-    def _unicode_text(cls, value: str | None) -> str | None:
-        # A JSONL "\ud800" escape decodes to a lone surrogate: not text, and not storable as UTF-8.
-        if value is not None and not value.isprintable():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise ValueError(f"not valid Unicode text (a lone surrogate at character {exc.start + 1})") from None
-        return value
-
-    @field_validator("guidance", "prior_guidance")
-    @classmethod
-    def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
-
-    @field_validator("scheduler")
-    @classmethod
-    def _known_scheduler(cls, value: str | None) -> str | None:
-        return None if value is None else check_scheduler(value)
-
-    @field_validator("annotator")
-    @classmethod
-    def _known_annotator(cls, value: str | None) -> str | None:
-        return None if value is None else check_annotator(value)
 
 
 class GenerateJob(BaseModel):
@@ -120,31 +158,31 @@ class GenerateJob(BaseModel):
     index: int = Field(ge=0)
     prompt: str = Field(min_length=1)
     negative_prompt: str = ""
-    seed: int = Field(ge=0, le=MAX_SEED)
-    steps: int = Field(ge=1)
-    guidance: float = Field(ge=0.0)
-    width: int = Field(ge=8)
-    height: int = Field(ge=8)
+    seed: Seed
+    steps: Steps
+    guidance: Guidance
+    width: Side
+    height: Side
     scheduler: str
     model: str
     precision: str
     fingerprint: str
     family: Literal[FAMILIES] = "sd"  # type: ignore[valid-type]
-    device: str = "CPU"
-    long_prompts: LongPrompts = "reject"
+    device: str = DEFAULT_DEVICE
+    long_prompts: LongPrompts = LONG_PROMPT_POLICIES[0]
     # ControlNet: the control image's URI in storage (controls/<sha256>.png), the annotator the worker runs on it
     # first (None: the image is the control image itself), and the residuals' weight.
     control_image: str | None = None
     annotator: str | None = None
-    controlnet_scale: float = Field(default=1.0, ge=0.0, le=5.0)
+    controlnet_scale: ControlnetScale = DEFAULT_CONTROLNET_SCALE
     # Image-to-image: the init image's URI in storage (inputs/<sha256>.png) and the strength in (0, 1].
     init_image: str | None = None
-    strength: float = Field(default=0.8, gt=0.0, le=1.0, allow_inf_nan=False)
+    strength: Strength = DEFAULT_STRENGTH
     # Wuerstchen: the prior's steps and guidance (set by the producer for that family only; None elsewhere).
-    prior_steps: int | None = Field(default=None, ge=1)
-    prior_guidance: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
+    prior_steps: Steps | None = None
+    prior_guidance: Guidance | None = None
     # An invisible watermark (the invisible-watermark package) embedded in the output; None: none asked for.
-    watermark: str | None = Field(default=None, min_length=1, max_length=MAX_WATERMARK_CHARS)
+    watermark: WatermarkText | None = None
 
 
 class ConvertJob(BaseModel):
@@ -208,20 +246,6 @@ class ItemResult(BaseModel):
     seconds: float | None = None
     attempts: int = 1
     warnings: list[str] = Field(default_factory=list)
-
-
-def check_annotator(name: str) -> str:
-    normalized = name.strip().lower()
-    if normalized not in ANNOTATORS:
-        raise ValueError(f"unknown annotator {name!r}; choose one of {', '.join(ANNOTATORS)}")
-    return normalized
-
-
-def check_scheduler(name: str) -> str:
-    normalized = name.strip().lower()
-    if normalized not in SCHEDULER_NAMES:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
-    return normalized
 
 
 def check_size(width: int, height: int, limits: Limits, *, line: int | None = None) -> None:

@@ -84,7 +84,7 @@ def test_a_cached_weightless_compile_is_an_import_with_identical_outputs(artifac
 
     import openvino as ov
 
-    from workers.pipelines.sd import _read_static
+    from workers.pipelines.sd import read_static
 
     _, _, ir_dir = artifact
     unet = json.loads((ir_dir / "unet" / "config.json").read_text())
@@ -93,7 +93,7 @@ def test_a_cached_weightless_compile_is_an_import_with_identical_outputs(artifac
     outputs, loaded = [], []
     for _ in range(2):
         core = WeightsPathCore(ov.Core())
-        compiled = core.compile_model(_read_static(core, ir_dir / "unet", shapes), "CPU", config)
+        compiled = core.compile_model(read_static(core, ir_dir / "unet", shapes), "CPU", config)
         rng = np.random.default_rng(0)
         inputs = {port.get_any_name(): rng.standard_normal(list(port.get_shape())).astype(
             port.get_element_type().to_dtype()) for port in compiled.inputs}

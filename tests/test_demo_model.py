@@ -12,11 +12,12 @@ import pytest
 from broker.settings import Settings
 from darkroom import submit, submit_convert
 from darkroom.calibration import calibrate_job, submit_calibrate
+from darkroom.demo_model import shipped_model_dir
 from storage import keys, open_storage
 from tasks.models import default_of
 from testkit.fleet import WorkerProcess, convert_model, run_cli, running_worker
 from tests.conftest import queue_settings_for, redis_db_url
-from workers.demo_model import shapes, shipped_model_dir
+from workers.demo_model import shapes
 from workers.demo_model.train import TrainConfig, train_demo_model
 
 SHIPPED = "demo-shapes"
@@ -124,7 +125,7 @@ def test_the_shipped_model_draws_the_grid_through_the_queue(shipped: str, settin
                     width=64, height=64, seed=2026, settings=settings)
     summary = handle.wait(timeout=900)
     assert summary.done == 48, summary
-    result = score_batch(open_storage(settings.storage_url), summary, default_scorer_dir())
+    result = score_batch(open_storage(settings.storage_url), summary, default_scorer_dir(shipped_model_dir()))
     wrong = [(i["prompt"], i["seen"]) for i in result["items"] if not i["correct"]]
     print(f"shipped model on the 48-image grid: {result['accuracy']}%; wrong: {wrong}")
     assert result["scored"] == 48 and result["accuracy"] >= 95.0, wrong

@@ -377,8 +377,8 @@ def manifest_fingerprint(settings_: Settings, model: str) -> str:
 
 
 def test_producer_token_count_matches_the_workers_tokenizer(model: str, fuzz_settings: Settings) -> None:
+    from darkroom.tokens import load_counter
     from tasks.models import resolve_model
-    from tasks.tokens import load_counter
     from workers.demo_model.clip_vocab import clip_tokenizer
 
     storage = open_storage(fuzz_settings.storage_url)

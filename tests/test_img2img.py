@@ -10,6 +10,7 @@ import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ from darkroom.init_images import resolve_init_images
 from darkroom.prompts import load_prompts
 from storage import keys, open_storage
 from tasks.errors import InvalidRequest, InvalidRequests
+from tasks.families import family_rules
+from tasks.request import GenerationRequest
 from testkit.fleet import WorkerProcess, run_cli
 from tests.conftest import queue_settings_for, redis_db_url
 from workers.pipelines.png import read_png_metadata
@@ -100,39 +103,39 @@ def _lines(rows: list[dict[str, object]]) -> tuple:
     return load_prompts(rows).items
 
 
+def _resolve(lines: tuple, storage: Any, base_dir: Path | None = None, **options: Any) -> dict[int, dict[str, Any]]:
+    """The init images of `lines` under a request of model "m" with these batch-wide options."""
+    request = GenerationRequest.build(["-"], model="m", **options)
+    return resolve_init_images(lines, request, storage, base_dir)
+
+
 def test_bad_init_inputs_name_the_field_and_line(tmp_path: Path, init_png: Path) -> None:
     storage = open_storage(str(tmp_path / "storage"))
-    common = {"model": "m", "storage": storage, "steps": 20, "width": None, "height": None, "base_dir": tmp_path}
+    common = {"storage": storage, "steps": 20, "base_dir": tmp_path}
     with pytest.raises(InvalidRequest) as missing:
-        resolve_init_images(_lines([{"prompt": "a"}]), family="sd", init_image=tmp_path / "nope.png",
-                            strength=None, **common)
+        _resolve(_lines([{"prompt": "a"}]), init_image=tmp_path / "nope.png", **common)
     assert missing.value.field == "init_image" and "nope.png" in str(missing.value)
     garbage = tmp_path / "garbage.png"
     garbage.write_bytes(b"not an image at all")
     with pytest.raises(InvalidRequest, match="not a readable image") as unreadable:
-        resolve_init_images(_lines([{"prompt": "a"}, {"prompt": "b", "init_image": "garbage.png"}]),
-                            family="sd", init_image=None, strength=None, **common)
+        _resolve(_lines([{"prompt": "a"}, {"prompt": "b", "init_image": "garbage.png"}]), **common)
     assert unreadable.value.field == "init_image" and unreadable.value.line == 2
     with pytest.raises(InvalidRequest, match="outside") as bad_strength:
-        resolve_init_images(_lines([{"prompt": "a"}]), family="sd", init_image=init_png, strength=1.5, **common)
+        _resolve(_lines([{"prompt": "a"}]), init_image=init_png, strength=1.5, **common)
     assert bad_strength.value.field == "strength"
     with pytest.raises(InvalidRequest, match="no denoising step"):
-        resolve_init_images(_lines([{"prompt": "a", "steps": 2}]), family="sd", init_image=init_png,
-                            strength=0.2, **common)
+        _resolve(_lines([{"prompt": "a", "steps": 2}]), init_image=init_png, strength=0.2, **common)
     with pytest.raises(InvalidRequest, match="image-to-image needs an SD 1.x model") as wrong_family:
-        resolve_init_images(_lines([{"prompt": "a"}]), family="sdxl", init_image=init_png, strength=None,
-                            **common)
+        family_rules("sdxl").check_request({"init_image": str(init_png)}, model="m")
     assert wrong_family.value.field == "init_image"
     with pytest.raises(InvalidRequest, match="not resized"):
-        resolve_init_images(_lines([{"prompt": "a", "width": 128}]), family="sd", init_image=init_png,
-                            strength=None, **common)
+        _resolve(_lines([{"prompt": "a", "width": 128}]), init_image=init_png, **common)
     odd = tmp_path / "odd.png"
     Image.fromarray(_init_array()[:60]).save(odd)
     with pytest.raises(InvalidRequest, match="multiples of 8"):
-        resolve_init_images(_lines([{"prompt": "a"}]), family="sd", init_image=odd, strength=None, **common)
+        _resolve(_lines([{"prompt": "a"}]), init_image=odd, **common)
     with pytest.raises(InvalidRequest, match="without an init image"):
-        resolve_init_images(_lines([{"prompt": "a", "strength": 0.5}]), family="sd", init_image=None,
-                            strength=None, **common)
+        _resolve(_lines([{"prompt": "a", "strength": 0.5}]), **common)
     # Out-of-range strength in a prompt file is caught with the line, like any other field.
     parsed = load_prompts([{"prompt": "a"}, {"prompt": "b", "strength": 0}])
     assert [(p.line, p.field) for p in parsed.problems] == [(2, "strength")]
@@ -142,8 +145,7 @@ def test_bad_init_inputs_name_the_field_and_line(tmp_path: Path, init_png: Path)
 def test_init_images_are_uploaded_once_under_a_content_key(tmp_path: Path, init_png: Path) -> None:
     storage = open_storage(str(tmp_path / "storage"))
     lines = _lines([{"prompt": "a"}, {"prompt": "b", "strength": 0.3}, {"prompt": "c"}])
-    fields = resolve_init_images(lines, family="sd", model="m", storage=storage, init_image=init_png,
-                                 strength=0.6, steps=10, width=None, height=None, base_dir=None)
+    fields = _resolve(lines, storage, init_image=init_png, strength=0.6, steps=10)
     assert {f["init_image"] for f in fields.values()} == {storage.uri(k) for k in storage.list_keys("inputs/")}
     assert [f["strength"] for f in fields.values()] == [0.6, 0.3, 0.6]
     assert all((f["width"], f["height"]) == (64, 64) for f in fields.values())

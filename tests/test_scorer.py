@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from darkroom.demo_model import shipped_model_dir
 from storage import keys, open_storage
 from testkit.fleet import run_cli
 from tests.conftest import redis_db_url
-from workers.demo_model import shapes, shipped_model_dir
+from workers.demo_model import shapes
 from workers.demo_model.scorer import ShapeClassifier, colour_of, judge, summarise
 
 SCORER = shipped_model_dir() / "scorer"

@@ -323,6 +323,114 @@ def test_check_name_accepts_and_keys_are_spelled_here() -> None:
             bad_call()
 
 
+def test_batch_images_prefix_is_the_folder_of_every_batch_key() -> None:
+    prefix = keys.batch_images_prefix("b1")
+    assert prefix == "images/b1/"  # the spelling batches stored by earlier versions live under
+    batch_keys = [keys.image_key("b1", 7), keys.item_record_key("b1", 7), keys.batch_request_key("b1"),
+                  keys.batch_manifest_key("b1"), keys.contact_sheet_key("b1"), keys.batch_adherence_key("b1")]
+    assert [keys.relative_key(prefix, k) for k in batch_keys] == [
+        "00007.png", "items/00007.json", "request.json", "manifest.json", "contact-sheet.png", "adherence.json"]
+    # Batch b10's objects are not b1's, though "images/b1" is a prefix of their keys.
+    with pytest.raises(keys.InvalidName):
+        keys.relative_key(prefix, keys.image_key("b10", 0))
+    for bad in ("../x", "a/b", ""):
+        with pytest.raises(keys.InvalidName):
+            keys.batch_images_prefix(bad)
+
+
+def test_relative_key_only_inside_a_folder() -> None:
+    assert keys.relative_key("models/sd/", "models/sd/fp16/00ff00ff/unet/openvino_model.xml") == \
+        "fp16/00ff00ff/unet/openvino_model.xml"
+    for prefix, key in (("models/sd/", "models/sd/"), ("models/sd", "models/sd/x"), ("images/b/", "models/b/x")):
+        with pytest.raises(keys.InvalidName):
+            keys.relative_key(prefix, key)
+
+
+def test_model_prefix_holds_the_models_objects() -> None:
+    prefix = keys.model_prefix("sd")
+    assert prefix == "models/sd/"
+    for key in (keys.model_default_key("sd"), keys.calibration_run_key("sd", "20240101T000000Z"),
+                keys.model_artifact_manifest_key("sd", "int8", "00ff00ff")):
+        assert key.startswith(prefix)
+    assert keys.calibration_runs_prefix("sd") == "models/sd/calibrations/"
+    with pytest.raises(keys.InvalidName):
+        keys.model_prefix("a/b")
+
+
+def test_artifact_file_key_spells_files_inside_the_artifact() -> None:
+    assert keys.artifact_file_key("sd", "fp16", "00ff00ff", "tokenizer/tokenizer.json") == \
+        "models/sd/fp16/00ff00ff/tokenizer/tokenizer.json"
+    assert keys.model_report_key("sd", "int8", "00ff00ff") == "models/sd/int8/00ff00ff/report.json"
+    assert keys.model_report_key("sd", "int8", "00ff00ff").endswith("/" + keys.ARTIFACT_REPORT)
+    assert keys.model_artifact_manifest_key("sd", "int8", "00ff00ff").endswith("/" + keys.ARTIFACT_MANIFEST)
+    for bad in ("", "/abs", "../x", "tokenizer/../../x", "a//b", "a/", "a/.hidden", "a\\b"):
+        with pytest.raises(keys.InvalidName):
+            keys.artifact_file_key("sd", "fp16", "00ff00ff", bad)
+
+
+@pytest.mark.parametrize("parts", [("sd", "fp32", "00ff00ff"), ("tiny-sd.v1_5", "int8", "0123456789abcdef"),
+                                   ("x" * 128, "fp16", "a" * 128)])
+def test_artifact_manifest_key_round_trip(parts: tuple[str, str, str]) -> None:
+    key = keys.model_artifact_manifest_key(*parts)
+    assert keys.parse_artifact_manifest_key(key) == parts
+    assert keys.is_artifact_manifest_key(key)
+
+
+@pytest.mark.parametrize("key", [
+    keys.batch_manifest_key("b1"),  # a manifest, but a batch's
+    "images/sd/fp32/00ff00ff/manifest.json",  # five parts ending in manifest.json, outside models/
+    keys.model_default_key("sd"),
+    keys.model_report_key("sd", "fp32", "00ff00ff"),
+    keys.calibration_run_key("sd", "20240101T000000Z"),
+    keys.artifact_file_key("sd", "fp32", "00ff00ff", "unet/manifest.json"),  # a file of that name inside one
+    "models/sd/default.json/00ff00ff/manifest.json",  # not a precision a manifest key can have
+    "models/sd/fp32/XYZ/manifest.json",
+    "models/../fp32/00ff00ff/manifest.json",
+    "models/sd/fp32/00ff00ff/manifest.json.part",
+    "models/sd/fp32/00ff00ff/",
+    "",
+])
+def test_other_keys_are_not_taken_for_an_artifact_manifest(key: str) -> None:
+    assert not keys.is_artifact_manifest_key(key)
+    with pytest.raises(keys.InvalidName):
+        keys.parse_artifact_manifest_key(key)
+
+
+def test_list_artifacts_reads_only_artifact_manifests(tmp_path: Path) -> None:
+    from tasks.models import list_artifacts
+
+    store = LocalStorage(tmp_path / "store")
+    for name, precision, fingerprint in (("sd", "fp32", "00ff00ff"), ("sd", "int8", "11ff11ff"),
+                                         ("other", "fp16", "22ff22ff")):
+        store.put_json(keys.model_artifact_manifest_key(name, precision, fingerprint),
+                       {"name": name, "precision": precision, "fingerprint": fingerprint, "created": fingerprint})
+        store.put_json(keys.model_report_key(name, precision, fingerprint), {"not": "a manifest"})
+        store.put_json(keys.artifact_file_key(name, precision, fingerprint, "unet/manifest.json"), {"not": "one"})
+    store.put_json(keys.model_default_key("sd"), {"precision": "fp32", "fingerprint": "00ff00ff"})
+    store.put_json(keys.calibration_run_key("sd", "20240101T000000Z"), {"status": "done"})
+    store.put_json(keys.batch_manifest_key("sd"), {"items": []})
+    assert [(m["name"], m["fingerprint"]) for m in list_artifacts(store)] == [
+        ("other", "22ff22ff"), ("sd", "00ff00ff"), ("sd", "11ff11ff")]
+    assert [m["fingerprint"] for m in list_artifacts(store, "sd")] == ["00ff00ff", "11ff11ff"]
+
+
+def test_compiled_blob_keys_keep_their_stored_spelling() -> None:
+    full = keys.compiled_blob_prefix("CPU", "0123456789abcdef", "sd", "fp16", "00ff00ff")
+    assert full == "ov-cache/CPU/0123456789abcdef/sd/fp16/00ff00ff/"
+    # Weightless blobs live under a signature derived from the device's; pinned, so blobs shared before still match.
+    weightless = keys.compiled_blob_prefix("CPU", "0123456789abcdef", "sd", "fp16", "00ff00ff", weightless=True)
+    assert weightless == "ov-cache/CPU/e6faf20518b6b2f2/sd/fp16/00ff00ff/"
+    key = keys.compiled_blob_key(weightless, "3410716377939914843.blob")
+    assert key == weightless + "3410716377939914843.blob"
+    assert keys.relative_key(weightless, key) == "3410716377939914843.blob"
+    for prefix, name in ((full, "../x.blob"), (full, "a/b.blob"), (full, ".blob"), ("models/sd/", "x.blob"),
+                         (full[:-1], "x.blob")):
+        with pytest.raises(keys.InvalidName):
+            keys.compiled_blob_key(prefix, name)
+    with pytest.raises(keys.InvalidName):
+        keys.compiled_blob_prefix("CPU", "not-a-digest", "sd", "fp16", "00ff00ff", weightless=True)
+
+
 # --- open_storage -------------------------------------------------------------------------------------------
 
 
@@ -345,6 +453,14 @@ def test_open_storage_picks_the_backend(tmp_path: Path, monkeypatch: pytest.Monk
     for bad in ["s3://Bad_Bucket/x", "s3:///nobucket", "file://host/x", ""]:
         with pytest.raises(ValueError):
             open_storage(bad)
+
+
+def test_settings_and_open_storage_default_to_the_same_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker.settings import Settings
+
+    monkeypatch.delenv("DARKROOM_STORAGE_URL", raising=False)
+    assert Settings.from_env().storage_url == Settings().storage_url
+    assert open_storage(Settings.from_env().storage_url).root == open_storage().root
 
 
 def test_open_storage_s3_from_env_talks_to_the_server(seaweed: SeaweedS3,

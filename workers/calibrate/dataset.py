@@ -1,5 +1,5 @@
 """Calibration prompts read with the `datasets` library: a local file or folder, a cached dataset name, or
-the small set darkroom ships. No OpenVINO or Celery here."""
+the small set darkroom ships."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PROMPT_COLUMNS = ("prompt", "text", "caption")
+from tasks.names import PROMPT_COLUMNS
+
 DEFAULT_PROMPTS = Path(__file__).parent / "data" / "calibration_prompts.txt"
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
 # A save_to_disk folder holds one of these; any other folder is read as data files.

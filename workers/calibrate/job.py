@@ -1,4 +1,4 @@
-"""The calibration job: FP artifact -> INT8 artifact beside it, measured, gated, maybe promoted. No Celery here."""
+"""The calibration job: FP artifact -> INT8 artifact beside it, measured, gated, maybe promoted."""
 
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def _calibrate(job: CalibrateJob, name: str, runtime: WorkerRuntime) -> dict[str
             "mode": job.mode, "base": report["base"], "passed": passed, "created": datetime.now(UTC).isoformat(),
             "files": files, "bytes": figures.int8_bytes, "defaults": {"width": base.width, "height": base.height,
                                                                       "scheduler": base.scheduler},
-            "report": "report.json", "darkroom_version": __version__,
+            "report": keys.ARTIFACT_REPORT, "darkroom_version": __version__,
         })
     # 7. Promotion only for an artifact that passed, and only if asked.
     promoted = passed and job.promote

@@ -3,7 +3,7 @@
 "int8" quantizes the UNet (weights and activations) from the inputs it really sees when the float pipeline
 renders the calibration prompts; "weights-int8" compresses the weights of every model and needs no data;
 "hybrid" does both (UNet quantized, the others weight-compressed). The result is a complete IR folder in the
-same optimum-intel layout as its source, so everything that loads one loads the other. No Celery here.
+same optimum-intel layout as its source, so everything that loads one loads the other.
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tasks.names import CALIBRATION_MODES as MODES  # the modes a request may name are the plans below
 from workers.convert.sd import staging
+from workers.pipelines.sd import MODEL_XML
 
 if TYPE_CHECKING:
     import openvino as ov
 
-    from workers.pipelines.sd import OVStableDiffusion, _Model
+    from workers.pipelines.sd import CompiledModel, OVStableDiffusion
 
-MODES = ("int8", "weights-int8", "hybrid")
 Sample = dict[str, np.ndarray]  # one UNet call's inputs by name
-MODEL_XML = "openvino_model.xml"
 MODEL_BIN = "openvino_model.bin"
 # What each mode does to each model folder: "quantize" (weights and activations, needs data) or "compress"
 # (weights only). Folders a mode does not name are copied unchanged.
@@ -181,7 +181,7 @@ class _RecordingUNet:
     prompt or two).
     """
 
-    def __init__(self, model: _Model, keep: int | None, seed: int) -> None:
+    def __init__(self, model: CompiledModel, keep: int | None, seed: int) -> None:
         self.model, self.input_dtype, self.keep = model, model.input_dtype, keep
         self.rng = np.random.default_rng(seed)
         self.kept: list[tuple[int, Sample]] = []
@@ -285,7 +285,7 @@ def _run_pipeline(pipe: OVStableDiffusion, pairs: tuple[tuple[str, int], ...], *
     return _PipelineRun(images=tuple(images), step_ms=step_ms, image_s=round(statistics.median(seconds), 4))
 
 
-def _step_ms(unet: _Model, repeats: int) -> float:
+def _step_ms(unet: CompiledModel, repeats: int) -> float:
     """Median milliseconds of one UNet call at its compiled (static) shape, after one warm-up call."""
     rng = np.random.default_rng(0)
     inputs = {}

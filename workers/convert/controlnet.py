@@ -12,7 +12,6 @@ The rest (text encoder, VAE, tokenizer, scheduler, model_index.json) is exactly 
 writes for SD 1.x, in the same optimum-intel-like folder layout, with controlnet/ beside unet/. The
 conditioning scale is not baked in: the pipeline multiplies the residuals, as diffusers does inside its
 ControlNet. Tracing renames inputs and outputs (`sample.5`, ...); every port is renamed by position here.
-No Celery here.
 """
 
 from __future__ import annotations

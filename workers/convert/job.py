@@ -1,4 +1,4 @@
-"""The conversion job: a diffusers model to OpenVINO IR in storage, manifest last. No Celery here."""
+"""The conversion job: a diffusers model to OpenVINO IR in storage, manifest last."""
 
 from __future__ import annotations
 
@@ -94,9 +94,9 @@ def _manifest(job: ConvertJob, name: str, precision: str, fingerprint: str, ir_d
 def model_defaults(ir_dir: Path, family: str = "sd") -> dict[str, Any]:
     """Native size and scheduler of a converted model, for requests that do not set them."""
     if family == "wuerstchen":  # trained at 1024x1024; its stages run one scheduler of their own
-        from tasks.wuerstchen import DEFAULT_SIDE, SCHEDULER
+        from tasks.families import WUERSTCHEN_SCHEDULER, WUERSTCHEN_SIDE
 
-        return {"width": DEFAULT_SIDE, "height": DEFAULT_SIDE, "scheduler": SCHEDULER}
+        return {"width": WUERSTCHEN_SIDE, "height": WUERSTCHEN_SIDE, "scheduler": WUERSTCHEN_SCHEDULER}
     unet = json.loads((ir_dir / "unet" / "config.json").read_text())
     vae = json.loads((ir_dir / "vae_decoder" / "config.json").read_text())
     scale = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)

@@ -10,7 +10,7 @@ load what darkroom converts:
     vae_encoder/openvino_model.{xml,bin}   sample -> latent_parameters
     (each model folder also holds its diffusers/transformers config.json)
 
-Shapes stay dynamic in the IR; workers reshape to a static size before compiling. No Celery here.
+Shapes stay dynamic in the IR; workers reshape to a static size before compiling.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from workers.pipelines.sd import MODEL_XML
+
 if TYPE_CHECKING:
     import openvino as ov
     import torch
@@ -39,7 +41,6 @@ if TYPE_CHECKING:
 CONVERTER_VERSION = "darkroom-sd-ir-1"
 
 WeightFormat = Literal["fp16", "fp32"]
-OV_XML = "openvino_model.xml"
 TEXT_LENGTH = 77
 # The source folders a conversion reads; the fingerprint covers exactly these (plus model_index.json).
 SOURCE_COMPONENTS = ("scheduler", "tokenizer", "text_encoder", "unet", "vae")
@@ -305,7 +306,7 @@ def _export(module: torch.nn.Module, example: tuple[torch.Tensor, ...], inputs: 
     for port, name in zip(model.outputs, outputs, strict=True):
         port.get_tensor().set_names({name})
     folder.mkdir(parents=True, exist_ok=True)
-    ov.save_model(model, folder / OV_XML, compress_to_fp16=compress)
+    ov.save_model(model, folder / MODEL_XML, compress_to_fp16=compress)
 
 
 def _module(owner: torch.nn.Module, forward: Callable[..., Any]) -> torch.nn.Module:

@@ -9,7 +9,6 @@
 
 The names are optimum-intel's, so its OVStableDiffusionXLPipeline can load the folder. SDXL takes the
 penultimate hidden state of both encoders (concatenated) and the second encoder's projected pooled output.
-No Celery here.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ components and optimum's input names where there is a counterpart):
     vqgan/openvino_model.{xml,bin}               latent_sample -> sample (the VQGAN's decoder only)
 
 Wuerstchen's text encoders take the attention mask (diffusers passes it), and the prior reads every one of the 77
-hidden states, padding included, so the mask is an input of the IR. No Celery here.
+hidden states, padding included, so the mask is an input of the IR.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tasks.families import WUERSTCHEN
 from workers.convert.sd import (
     TEXT_LENGTH,
     ConversionResult,
@@ -50,11 +51,11 @@ from workers.convert.sd import (
     fingerprint_folders,
     staging,
 )
+from workers.pipelines.wuerstchen import PIPELINE_CONSTANTS
 
 if TYPE_CHECKING:
     import torch
 
-FAMILY = "wuerstchen"
 # Part of every Wuerstchen fingerprint: bump it when the IR this module writes changes.
 CONVERTER_VERSION = "darkroom-wuerstchen-ir-1"
 COMBINED_CLASS = "WuerstchenCombinedPipeline"
@@ -66,8 +67,6 @@ COMPONENTS = ("prior_tokenizer", "prior_text_encoder", "prior_prior", "prior_sch
 # In a decoder folder the prior pipeline's components sit in prior/ under their own pipeline's names.
 _IN_PRIOR_FOLDER = {"prior_tokenizer": "prior/tokenizer", "prior_text_encoder": "prior/text_encoder",
                     "prior_prior": "prior/prior", "prior_scheduler": "prior/scheduler"}
-# diffusers' defaults for the sub-pipelines' constants (WuerstchenPriorPipeline, WuerstchenDecoderPipeline).
-PIPELINE_CONSTANTS = {"resolution_multiple": 42.67, "latent_mean": 42.0, "latent_std": 1.0, "latent_dim_scale": 10.67}
 
 
 def source_layout(source_dir: Path) -> tuple[dict[str, Path], dict[str, Any]]:
@@ -131,7 +130,7 @@ def convert_wuerstchen(source_dir: Path, out_dir: Path, *, weight_format: Weight
             convert(folders[component], work / component, compress)
             shutil.copyfile(folders[component] / "config.json", work / component / "config.json")
             gc.collect()
-    return conversion_result(out_dir, FAMILY, fingerprint, started)
+    return conversion_result(out_dir, WUERSTCHEN, fingerprint, started)
 
 
 def _read_index(folder: Path) -> dict[str, Any]:

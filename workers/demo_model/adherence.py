@@ -1,7 +1,7 @@
 """Prompt adherence of a converted model, FP32 against INT8: the quality gate of the calibration lifecycle.
 
 Used when a model ships a scorer (`scorer/` in its IR folder). Both artifacts render the same fixed prompt
-and seed set on OpenVINO; the scorer judges each image. No Celery here.
+and seed set on OpenVINO; the scorer judges each image.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-TEXT_LENGTH = 77
+# The text encoder's positions are the tokenizer's length: one spelling, the tokenizer's.
+from workers.demo_model.clip_vocab import TEXT_LENGTH
 
 
 def build_text_side(torch_seed: int) -> tuple[Any, Any]:

@@ -8,13 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from workers.demo_model import shipped_model_dir
 from workers.demo_model.scorer import SCORER_DIR, ShapeClassifier, judge, summarise
 
 
-def default_scorer_dir() -> Path:
-    """The shipped demo model's scorer (it lives beside the model's weights)."""
-    return shipped_model_dir() / SCORER_DIR
+def default_scorer_dir(model_dir: Path) -> Path:
+    """A demo model's scorer: it lives beside the model's weights."""
+    return model_dir / SCORER_DIR
 
 
 def score_batch(storage: Any, summary: Any, scorer_dir: Path) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 The classifier is trained by `darkroom train-demo-model` on the procedural images and ships with the model
 (`scorer/model.safetensors` + `scorer/config.json`); conversion copies that folder into the IR folder.
 An image is right when every part its prompt names is right: colour and shape always, size and
-background when the prompt states them. No Celery, no OpenVINO here.
+background when the prompt states them. No OpenVINO here.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 An annotation is keyed by (control image digest, annotator, annotator settings) under controls/annotated/, so one
 control image is annotated once per batch (indeed once ever), not once per item: the first item annotates it
 under a short Redis lock while the other workers wait for the result; every later item reads the cached PNG.
-No Celery here.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Image-to-image on the worker: the job's init image read from storage, as the pipeline's inputs. No Celery."""
+"""Image-to-image on the worker: the job's init image read from storage, as the pipeline's inputs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The generation job: one item of a batch rendered on OpenVINO and written to storage. No Celery here."""
+"""The generation job: one item of a batch rendered on OpenVINO and written to storage."""
 
 from __future__ import annotations
 

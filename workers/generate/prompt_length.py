@@ -1,7 +1,7 @@
 """The worker's side of the long-prompt policy: it always has the model's tokenizer, so it always knows.
 
 A producer that could count the tokens has already refused over-long prompts under `reject`; this is the
-check for producers that could not (tasks/tokens.py), and the warning under `truncate`. No Celery here.
+check for producers that could not (tasks/tokens.py), and the warning under `truncate`.
 """
 
 from __future__ import annotations

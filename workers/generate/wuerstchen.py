@@ -1,8 +1,7 @@
 """The Wuerstchen step of a generation job: the prior's fields, checked against the family the artifact has.
 
-The producer refuses prior fields for other families and scheduler names for Wuerstchen (tasks/wuerstchen.py);
+The producer refuses prior fields for other families and scheduler names for Wuerstchen (tasks/families.py);
 the worker, which knows the family from the artifact's manifest, checks again for jobs built by other means.
-No Celery here.
 """
 
 from __future__ import annotations
@@ -10,8 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.errors import InvalidRequest
+from tasks.families import DEFAULT_PRIOR_GUIDANCE, DEFAULT_PRIOR_STEPS, PRIOR_FIELDS
+from tasks.families import WUERSTCHEN as FAMILY
+from tasks.families import WUERSTCHEN_SCHEDULER as SCHEDULER
 from tasks.schemas import GenerateJob
-from tasks.wuerstchen import DEFAULT_PRIOR_GUIDANCE, DEFAULT_PRIOR_STEPS, FAMILY, PRIOR_FIELDS, SCHEDULER
 
 
 def wuerstchen_inputs(job: GenerateJob, pipeline: Any) -> dict[str, Any]:

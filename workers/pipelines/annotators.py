@@ -9,7 +9,6 @@
 Weights live in one folder: $DARKROOM_ANNOTATOR_WEIGHTS, else <cache dir>/annotators. The file names are those
 of the lllyasviel/Annotators repository (SAM's is facebookresearch's). A missing file is an AnnotatorUnavailable
 naming the file and the folder. Every annotator returns an RGB uint8 image of its input's size.
-No Celery here.
 """
 
 from __future__ import annotations

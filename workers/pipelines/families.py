@@ -2,7 +2,7 @@
 
 A family is named in requests and manifests (tasks.names.FAMILIES) and detected from a diffusers folder's
 model_index.json `_class_name`. Entries name their code as "module:attribute" strings, imported on first use,
-so importing this registry imports neither torch nor openvino. No Celery here.
+so importing this registry imports neither torch nor openvino.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from storage import keys
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,6 @@ def pipeline_class(family: str, *, img2img: bool = False) -> Any:
 
 def pipeline_for_artifact(ir_dir: Path, *, img2img: bool = False) -> Any:
     """The pipeline class of a fetched artifact folder, from the family its manifest.json records ("sd" if none)."""
-    manifest = Path(ir_dir) / "manifest.json"
+    manifest = Path(ir_dir) / keys.ARTIFACT_MANIFEST
     family = json.loads(manifest.read_text(encoding="utf-8")).get("family", "sd") if manifest.is_file() else "sd"
     return pipeline_class(family, img2img=img2img)

@@ -4,19 +4,17 @@ The init image goes through the converted VAE encoder (`vae_encoder`: sample -> 
 latent distribution's mean and log-variance); the latent is sampled from that distribution with the item's
 generator, scaled, and noised to the schedule's point given by `strength`; denoising runs the remaining
 `int(steps * strength)` steps. With f32 weights and inference every pixel is within one uint8 level of
-diffusers'. No Celery here.
+diffusers'. Encoding, denoising and decoding are SD 1.x's (OVStableDiffusion._render); only the start differs.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from workers.pipelines.schedulers import make_scheduler
-from workers.pipelines.sd import GenerationResult, OVStableDiffusion, _Model, _read_static
+from workers.pipelines.sd import CompiledModel, GenerationResult, OVStableDiffusion, compile_static
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -31,7 +29,7 @@ def img2img_steps(steps: int, strength: float) -> int:
 class OVStableDiffusionImg2Img(OVStableDiffusion):
     """The SD 1.x pipeline plus the VAE encoder, compiled for one (width, height, cfg) shape."""
 
-    vae_encoder: _Model
+    vae_encoder: CompiledModel
 
     @classmethod
     def load(cls, ir_dir: Path, *, device: str = "CPU", width: int, height: int, cfg: bool,
@@ -42,16 +40,14 @@ class OVStableDiffusionImg2Img(OVStableDiffusion):
         pipe = super().load(ir_dir, device=device, width=width, height=height, cfg=cfg, core=core,
                             ov_config=ov_config)
         assert isinstance(pipe, cls)
-        encoder = _read_static(core, Path(ir_dir) / "vae_encoder", {"sample": [1, 3, height, width]})
-        pipe.vae_encoder = _Model(core.compile_model(encoder, device, dict(ov_config or {})))
+        pipe.vae_encoder = compile_static(core, Path(ir_dir) / "vae_encoder", {"sample": [1, 3, height, width]},
+                                          device, ov_config)
         return pipe
 
     def generate(self, prompt: str, *, negative_prompt: str = "", steps: int, guidance_scale: float,
                  scheduler: str, seed: int, latents: np.ndarray | None = None,
                  init_image: np.ndarray | None = None, strength: float = 0.8) -> GenerationResult:
         """One image from `init_image` (uint8, height x width x 3), with generator=manual_seed(seed)."""
-        import torch
-
         if init_image is None:
             raise ValueError("init_image is required for image-to-image")
         if latents is not None:
@@ -64,34 +60,17 @@ class OVStableDiffusionImg2Img(OVStableDiffusion):
         if img2img_steps(steps, strength) < 1:
             raise ValueError(f"strength {strength} with {steps} steps leaves no denoising step "
                              f"(int(steps * strength) must be at least 1)")
-        cfg = guidance_scale > 1.0 and self.cfg_capable
-        if cfg != self.cfg:
-            raise ValueError(f"this pipeline is compiled for cfg={self.cfg}, but guidance_scale={guidance_scale} "
-                             f"needs cfg={cfg}")
-        timings: dict[str, float] = {}
-        with self._lock, torch.inference_mode():
-            started = time.perf_counter()
-            context = self._encode([negative_prompt, prompt] if cfg else [prompt])
-            timings["encode"] = time.perf_counter() - started
-            sched = make_scheduler(scheduler, self.scheduler_config)
-            sched.set_timesteps(steps)
+
+        def start(sched: Any, generator: torch.Generator) -> tuple[torch.Tensor, Any]:
             # diffusers' get_timesteps: skip the first steps - int(steps * strength) steps of the schedule.
             t_start = (steps - img2img_steps(steps, strength)) * sched.order
             timesteps = sched.timesteps[t_start:]
             if hasattr(sched, "set_begin_index"):
                 sched.set_begin_index(t_start)
-            generator = torch.Generator("cpu").manual_seed(seed)
-            mark = time.perf_counter()
-            sample = self._init_latents(init_image, sched, timesteps[:1], generator)
-            timings["encode_image"] = time.perf_counter() - mark
-            mark = time.perf_counter()
-            sample = self._denoise(sched, sample, context, guidance_scale, generator, cfg, timesteps=timesteps)
-            timings["denoise"] = time.perf_counter() - mark
-            mark = time.perf_counter()
-            image = self._decode(sample)
-            timings["decode"] = time.perf_counter() - mark
-            timings["total"] = time.perf_counter() - started
-        return GenerationResult(image=image, seed=seed, timings=timings)
+            return self._init_latents(init_image, sched, timesteps[:1], generator), timesteps
+
+        return self._render(prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
+                            seed=seed, start=start, start_phase="encode_image")
 
     def _init_latents(self, init_image: np.ndarray, sched: Any, first: torch.Tensor,
                       generator: torch.Generator) -> torch.Tensor:

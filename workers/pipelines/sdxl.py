@@ -4,8 +4,9 @@ What differs from SD 1.x (workers/pipelines/sd.py), as diffusers' StableDiffusio
 - two tokenizers and text encoders; the prompt embedding is both encoders' penultimate hidden states side by
   side, and the second encoder's projected pooled output conditions the UNet as `text_embeds`;
 - `time_ids` = (original size, crop top-left, target size) = (h, w, 0, 0, h, w);
-- an empty negative prompt under guidance is all zeros when the model says `force_zeros_for_empty_prompt`.
-The latents, schedulers and decoding are SD 1.x's. No Celery here.
+- an empty negative prompt under guidance is all zeros when the model says `force_zeros_for_empty_prompt`;
+- the scheduler starts at index 0 (`set_begin_index(0)`).
+The latents, schedulers, denoising loop and decoding are SD 1.x's.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from workers.pipelines.sd import OVStableDiffusion, _Model, _read_json, _read_static, read_model_index, step_kwargs
+from workers.pipelines.sd import CompiledModel, OVStableDiffusion, SDFolder, read_json, tokenize
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -28,7 +29,7 @@ ENCODERS = ("text_encoder", "text_encoder_2")
 class OVStableDiffusionXL(OVStableDiffusion):
     """A warm SDXL-class pipeline compiled for one (width, height, cfg) shape on one device."""
 
-    def __init__(self, *, tokenizer_2: CLIPTokenizer, text_encoder_2: _Model, force_zeros: bool,
+    def __init__(self, *, tokenizer_2: CLIPTokenizer, text_encoder_2: CompiledModel, force_zeros: bool,
                  penultimate: tuple[str, str], latents_mean: list[float] | None,
                  latents_std: list[float] | None, **base: Any) -> None:
         super().__init__(**base)
@@ -37,6 +38,9 @@ class OVStableDiffusionXL(OVStableDiffusion):
         self.force_zeros = force_zeros
         self.penultimate = penultimate
         self.latents_mean, self.latents_std = latents_mean, latents_std
+        # The same for every image of this compiled shape: one row per item of the UNet's batch.
+        self.time_ids = np.asarray([[self.height, self.width, 0, 0, self.height, self.width]] * (2 if self.cfg else 1),
+                                   dtype=np.float32)
 
     @classmethod
     def load(cls, ir_dir: Path, *, device: str = "CPU", width: int, height: int, cfg: bool,
@@ -45,54 +49,33 @@ class OVStableDiffusionXL(OVStableDiffusion):
         import openvino as ov
         from transformers import CLIPTokenizer
 
-        ir_dir = Path(ir_dir)
-        index = read_model_index(ir_dir)
-        unet_config = _read_json(ir_dir / "unet" / "config.json")
-        vae_config = _read_json(ir_dir / "vae_decoder" / "config.json")
-        if unet_config.get("addition_embed_type") != "text_time" or not (ir_dir / "text_encoder_2").is_dir():
+        folder = SDFolder.read(ir_dir, width=width, height=height, cfg=cfg)
+        unet_config = folder.unet_config
+        if unet_config.get("addition_embed_type") != "text_time" or not (folder.path / "text_encoder_2").is_dir():
             raise ValueError(f"{ir_dir} is not an SDXL-class model (no second text encoder or added conditions)")
-        scale = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
-        for name, value in (("width", width), ("height", height)):
-            if not isinstance(value, int) or value <= 0 or value % scale:
-                raise ValueError(f"{name} must be a positive multiple of {scale}, got {value!r}")
-        tokenizer = CLIPTokenizer.from_pretrained(ir_dir / "tokenizer")
-        tokenizer_2 = CLIPTokenizer.from_pretrained(ir_dir / "tokenizer_2")
-        batch, tokens = (2 if cfg else 1), tokenizer.model_max_length
-        latent = [unet_config["in_channels"], height // scale, width // scale]
+        tokenizer_2 = CLIPTokenizer.from_pretrained(folder.path / "tokenizer_2")
+        batch, tokens = folder.batch, folder.tokenizer.model_max_length
         pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
-        shapes: dict[str, dict[str, list[int]]] = {
-            "text_encoder": {"input_ids": [batch, tokens]},
-            "text_encoder_2": {"input_ids": [batch, tokens]},
-            "unet": {"sample": [batch, *latent],
-                     "encoder_hidden_states": [batch, tokens, unet_config["cross_attention_dim"]],
-                     "text_embeds": [batch, pooled], "time_ids": [batch, 6]},
-            "vae_decoder": {"latent_sample": [1, *latent]},
-        }
-        core = core if core is not None else ov.Core()
-        config = dict(ov_config or {})
-        models = {name: _Model(core.compile_model(_read_static(core, ir_dir / name, shape), device, config))
-                  for name, shape in shapes.items()}
+        shapes = folder.shapes()
+        shapes["text_encoder_2"] = {"input_ids": [batch, tokens]}
+        shapes["unet"].update(text_embeds=[batch, pooled], time_ids=[batch, 6])
+        models = folder.compile(shapes, core=core if core is not None else ov.Core(), device=device,
+                                ov_config=ov_config)
         # hidden_states[-2]: the penultimate layer's output, of num_hidden_layers + 1 hidden states.
-        layers = [_read_json(ir_dir / e / "config.json")["num_hidden_layers"] for e in ENCODERS]
-        return cls(tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler_config=_read_json(
-                       ir_dir / "scheduler" / "scheduler_config.json"),
-                   text_encoder=models["text_encoder"], text_encoder_2=models["text_encoder_2"],
-                   unet=models["unet"], vae_decoder=models["vae_decoder"], width=width, height=height, cfg=cfg,
-                   latent_channels=latent[0], vae_scale_factor=scale,
-                   scaling_factor=float(vae_config.get("scaling_factor", 0.13025)),
-                   cfg_capable=unet_config.get("time_cond_proj_dim") is None,
-                   force_zeros=bool(index.get("force_zeros_for_empty_prompt", True)),
+        layers = [read_json(folder.path / e / "config.json")["num_hidden_layers"] for e in ENCODERS]
+        return cls(**folder.pipeline_args(models, scaling_factor=0.13025), tokenizer_2=tokenizer_2,
+                   text_encoder_2=models["text_encoder_2"],
+                   force_zeros=bool(folder.index.get("force_zeros_for_empty_prompt", True)),
                    penultimate=(f"hidden_states.{layers[0] - 1}", f"hidden_states.{layers[1] - 1}"),
-                   latents_mean=vae_config.get("latents_mean"), latents_std=vae_config.get("latents_std"))
+                   latents_mean=folder.vae_config.get("latents_mean"), latents_std=folder.vae_config.get("latents_std"))
 
-    def _encode(self, prompts: list[str]) -> Any:  # type: ignore[override]
+    def _encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(prompt embeddings, pooled embeddings) for [negative, prompt] under CFG, else [prompt]."""
         hidden, pooled = [], None
         for tokenizer, encoder, layer in zip((self.tokenizer, self.tokenizer_2),
                                              (self.text_encoder, self.text_encoder_2), self.penultimate,
                                              strict=True):
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="np").input_ids
+            ids = tokenize(tokenizer, prompts).input_ids
             encoder.request.infer({"input_ids": ids.astype(encoder.input_dtype("input_ids"))})
             hidden.append(encoder.request.get_tensor(layer).data.copy())
             if encoder is self.text_encoder_2:
@@ -104,29 +87,17 @@ class OVStableDiffusionXL(OVStableDiffusion):
             context[0], pooled[0] = 0.0, 0.0
         return context, pooled
 
-    def _denoise(self, sched: Any, latents: torch.Tensor, context: Any, guidance_scale: float,
-                 generator: torch.Generator, cfg: bool) -> torch.Tensor:
-        import torch
-
-        hidden, pooled = context
-        time_ids = np.asarray([[self.height, self.width, 0, 0, self.height, self.width]] * hidden.shape[0],
-                              dtype=np.float32)
-        extra = step_kwargs(sched, generator)
+    def _denoise(self, sched: Any, latents: torch.Tensor, context: Any, **loop: Any) -> torch.Tensor:
+        # StableDiffusionXLPipeline sets the begin index (StableDiffusionPipeline does not): the scheduler then
+        # starts at the schedule's first entry instead of looking its first timestep up.
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(0)
-        timestep_dtype = self.unet.input_dtype("timestep")
-        for t in sched.timesteps:
-            model_input = torch.cat([latents] * 2) if cfg else latents
-            model_input = sched.scale_model_input(model_input, t)
-            out = self.unet("out_sample", sample=model_input.numpy(),
-                            timestep=np.asarray([t.item()], dtype=timestep_dtype), encoder_hidden_states=hidden,
-                            text_embeds=pooled, time_ids=time_ids)
-            noise_pred = torch.from_numpy(out)
-            if cfg:
-                uncond, text = noise_pred.chunk(2)
-                noise_pred = uncond + guidance_scale * (text - uncond)
-            latents = sched.step(noise_pred, t, latents, **extra, return_dict=False)[0]
-        return latents
+        return super()._denoise(sched, latents, context, **loop)
+
+    def _predict_noise(self, sample: np.ndarray, timestep: np.ndarray, context: Any) -> np.ndarray:
+        hidden, pooled = context
+        return self.unet("out_sample", sample=sample, timestep=timestep, encoder_hidden_states=hidden,
+                         text_embeds=pooled, time_ids=self.time_ids)
 
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
         import torch

@@ -4,7 +4,6 @@ Off by default. A batch asks for one with `darkroom submit --watermark TEXT`; a 
 renders with `DARKROOM_WATERMARK=TEXT` (a request's own text wins). The text is embedded as its UTF-8 bits with
 the DWT-DCT-SVD method (plain DWT-DCT, diffusers' SDXL choice, lost bits on busy images here) and recorded
 in the PNG metadata (`watermark`, `watermark_method`, `watermark_bits`), which a reader needs to decode it.
-No Celery here.
 """
 
 from __future__ import annotations

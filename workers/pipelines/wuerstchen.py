@@ -9,7 +9,8 @@ Three stages, as diffusers' WuerstchenCombinedPipeline runs them (prior pipeline
 - stage A: the VQGAN decoder turns scale_factor * latents into pixels, clamped to [0, 1].
 Both stages use diffusers' own DDPMWuerstchenScheduler and one torch generator, in diffusers' order (prior noise,
 each prior step's noise, decoder noise, each decoder step's noise), so the same seed gives the same image.
-Guidance is torch.lerp(uncond, text, scale) on [text, uncond] batches, as in diffusers. No Celery here.
+Guidance is torch.lerp(uncond, text, scale) on [text, uncond] batches, as in diffusers: another op and order than
+the SD family's guided_step (workers/pipelines/sd.py), so the loop is Wuerstchen's own.
 """
 
 from __future__ import annotations
@@ -22,7 +23,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from workers.pipelines.sd import GenerationResult, _Model, _read_json, _read_static, read_model_index
+from tasks.families import DEFAULT_PRIOR_GUIDANCE, DEFAULT_PRIOR_STEPS, WUERSTCHEN, WUERSTCHEN_SCHEDULER
+from workers.pipelines.sd import (
+    CompiledModel,
+    GenerationResult,
+    compile_static,
+    given_latents,
+    read_json,
+    read_model_index,
+    require_cfg,
+    to_uint8,
+    tokenize,
+)
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -30,10 +42,9 @@ if TYPE_CHECKING:
     from transformers import CLIPTokenizer
 
 # The only scheduler the family runs; requests name it (or nothing) and PNG metadata records it.
-SCHEDULER = "ddpm-wuerstchen"
-DEFAULT_PRIOR_STEPS = 60
-DEFAULT_PRIOR_GUIDANCE = 4.0
-_CONSTANTS = {"resolution_multiple": 42.67, "latent_mean": 42.0, "latent_std": 1.0, "latent_dim_scale": 10.67}
+# diffusers' defaults for the sub-pipelines' constants (WuerstchenPriorPipeline, WuerstchenDecoderPipeline), for a
+# model_index.json that does not record them (the converter copies them into the IR's from the same table).
+PIPELINE_CONSTANTS = {"resolution_multiple": 42.67, "latent_mean": 42.0, "latent_std": 1.0, "latent_dim_scale": 10.67}
 
 
 class OVWuerstchen:
@@ -43,7 +54,7 @@ class OVWuerstchen:
     its two shapes are compiled on first use (the default prior guidance, 4.0, is compiled at load).
     """
 
-    family = "wuerstchen"
+    family = WUERSTCHEN
 
     def __init__(self, *, ir_dir: Path, core: ov.Core, device: str, ov_config: dict[str, str], width: int,
                  height: int, cfg: bool, prior_tokenizer: CLIPTokenizer, tokenizer: CLIPTokenizer) -> None:
@@ -52,9 +63,9 @@ class OVWuerstchen:
         # `tokenizer` is the prior's: the prompt-length check (workers/generate/prompt_length.py) reads it.
         self.tokenizer, self.decoder_tokenizer = prior_tokenizer, tokenizer
         index = read_model_index(ir_dir)
-        self.constants = {k: float(index.get(k, v)) for k, v in _CONSTANTS.items()}
-        self.configs = {name: _read_json(ir_dir / name / "config.json") for name in ("prior_prior", "decoder", "vqgan")}
-        self.scheduler_configs = {name: _read_json(ir_dir / name / "scheduler_config.json")
+        self.constants = {k: float(index.get(k, v)) for k, v in PIPELINE_CONSTANTS.items()}
+        self.configs = {name: read_json(ir_dir / name / "config.json") for name in ("prior_prior", "decoder", "vqgan")}
+        self.scheduler_configs = {name: read_json(ir_dir / name / "scheduler_config.json")
                                   for name in ("prior_scheduler", "scheduler")}
         vq = self.configs["vqgan"]
         vq_scale = vq.get("up_down_scale_factor", 2) * 2 ** (vq.get("levels", 2) - 1)
@@ -64,7 +75,7 @@ class OVWuerstchen:
                  for name, value in (("height", height), ("width", width))]
         self.prior_shape = (1, self.configs["prior_prior"]["c_in"], sides[0][0], sides[1][0])
         self.latent_shape = (1, decoder.get("c_in", 4), sides[0][1], sides[1][1])
-        self._models: dict[tuple[str, int], _Model] = {}
+        self._models: dict[tuple[str, int], CompiledModel] = {}
         self._lock = threading.Lock()  # infer requests are not thread-safe; a threaded pool may share this
         # The per-step model of the image stage is `unet`, as in the other families (fault injection wraps it).
         self.unet = self._model("decoder", 2 if cfg else 1)
@@ -90,13 +101,12 @@ class OVWuerstchen:
             pipe._model(name, batch)
         return pipe
 
-    def _model(self, name: str, batch: int) -> _Model:
+    def _model(self, name: str, batch: int) -> CompiledModel:
         """The model compiled for this batch: compiled once, on first use."""
         key = (name, batch)
         if key not in self._models:
-            compiled = self.core.compile_model(_read_static(self.core, self.ir_dir / name, self._shapes(name, batch)),
-                                               self.device, self.ov_config)
-            self._models[key] = _Model(compiled)
+            self._models[key] = compile_static(self.core, self.ir_dir / name, self._shapes(name, batch), self.device,
+                                               self.ov_config)
         return self._models[key]
 
     def _shapes(self, name: str, batch: int) -> dict[str, list[int]]:
@@ -114,7 +124,7 @@ class OVWuerstchen:
         return {"latent_sample": [1, self.configs["vqgan"].get("latent_channels", 4), *self.latent_shape[2:]]}
 
     def generate(self, prompt: str, *, negative_prompt: str = "", steps: int, guidance_scale: float,
-                 scheduler: str = SCHEDULER, seed: int, prior_steps: int = DEFAULT_PRIOR_STEPS,
+                 scheduler: str = WUERSTCHEN_SCHEDULER, seed: int, prior_steps: int = DEFAULT_PRIOR_STEPS,
                  prior_guidance: float = DEFAULT_PRIOR_GUIDANCE, latents: np.ndarray | None = None
                  ) -> GenerationResult:
         """One image, as WuerstchenCombinedPipeline makes it with generator=manual_seed(seed).
@@ -125,12 +135,10 @@ class OVWuerstchen:
         import torch
         from diffusers import DDPMWuerstchenScheduler
 
-        if scheduler != SCHEDULER:
-            raise ValueError(f"Wuerstchen models run their own scheduler ({SCHEDULER}), not {scheduler!r}")
+        if scheduler != WUERSTCHEN_SCHEDULER:
+            raise ValueError(f"Wuerstchen models run their own scheduler ({WUERSTCHEN_SCHEDULER}), not {scheduler!r}")
         cfg, prior_cfg = guidance_scale > 1.0, prior_guidance > 1.0  # diffusers' do_classifier_free_guidance
-        if cfg != self.cfg:
-            raise ValueError(f"this pipeline is compiled for cfg={self.cfg} (batch {2 if self.cfg else 1}), "
-                             f"but guidance_scale={guidance_scale} needs cfg={cfg}")
+        require_cfg(self.cfg, cfg, guidance_scale)
         for name, value in (("steps", steps), ("prior_steps", prior_steps)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
@@ -147,7 +155,7 @@ class OVWuerstchen:
             if latents is None:
                 noise = torch.randn(self.prior_shape, generator=generator, dtype=torch.float32)
             else:
-                noise = self._given_latents(latents)
+                noise = given_latents(latents, self.prior_shape, "the prior's shape")
             sample = self._denoise(self._model("prior_prior", 2 if prior_cfg else 1), sched,
                                    noise * sched.init_noise_sigma, prior_guidance, prior_cfg, generator,
                                    encoder_hidden_states=prior_context)
@@ -167,18 +175,10 @@ class OVWuerstchen:
         return GenerationResult(image=image, seed=seed, timings=clock.total())
 
     def _encode(self, tokenizer: CLIPTokenizer, name: str, prompts: list[str]) -> np.ndarray:
-        encoded = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="np")
+        encoded = tokenize(tokenizer, prompts)
         model = self._model(name, len(prompts))
         return model("last_hidden_state", input_ids=encoded.input_ids.astype(model.input_dtype("input_ids")),
                      attention_mask=encoded.attention_mask.astype(model.input_dtype("attention_mask")))
-
-    def _given_latents(self, latents: np.ndarray) -> torch.Tensor:
-        import torch
-
-        if tuple(latents.shape) != self.prior_shape:
-            raise ValueError(f"latents must have the prior's shape {self.prior_shape}, got {tuple(latents.shape)}")
-        return torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32))
 
     @staticmethod
     def _denoise(model: Any, sched: Any, latents: torch.Tensor, guidance: float, cfg: bool,
@@ -202,9 +202,8 @@ class OVWuerstchen:
 
         scaled = (latents * self.configs["vqgan"].get("scale_factor", 0.3764)).numpy()
         decoded = torch.from_numpy(self._model("vqgan", 1)("sample", latent_sample=scaled))
-        # diffusers: clamp to [0, 1], NHWC float; then numpy_to_pil's rounding.
-        image = decoded.clamp(0, 1).permute(0, 2, 3, 1).float().numpy()
-        return (image[0] * 255).round().astype(np.uint8)
+        # The VQGAN decodes to [0, 1] already: diffusers post-processes it without denormalizing.
+        return to_uint8(decoded)
 
 
 class _Clock:

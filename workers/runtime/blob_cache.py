@@ -4,7 +4,7 @@ OpenVINO writes a compiled model to its CACHE_DIR as `<hash>.blob` and imports i
 next time the same model is compiled with the same settings. Each artifact gets a cache folder of its own
 here, and the blobs in it are mirrored to storage under a key made of the device, a digest of what makes a
 blob portable (the device's full name and the OpenVINO version) and the artifact's fingerprint. A blob that
-does not fit is no danger: OpenVINO checks it and compiles afresh. No Celery here.
+does not fit is no danger: OpenVINO checks it and compiles afresh.
 
 On CPU the blobs are weightless (workers/runtime/device.py sets CACHE_MODE=OPTIMIZE_SIZE): importing one needs the
 IR's weights, which `WeightsPathCore` points OpenVINO to (WEIGHTS_PATH) for every model read from an IR.
@@ -117,7 +117,7 @@ class SharedBlobCache:
         prefix = self._prefix(model, precision, fingerprint)
         local = self.local_dir(model, precision, fingerprint)
         try:
-            missing = [k for k in self.storage.list_keys(prefix) if not (local / k[len(prefix):]).exists()]
+            missing = [k for k in self.storage.list_keys(prefix) if not (local / keys.relative_key(prefix, k)).exists()]
             if not missing:
                 return BlobSync(0, 0)
             staging = Path(tempfile.mkdtemp(prefix=".pull.", dir=local))
@@ -144,12 +144,14 @@ class SharedBlobCache:
         prefix = self._prefix(model, precision, fingerprint)
         local = self.local_dir(model, precision, fingerprint)
         try:
-            present = {k[len(prefix):] for k in self.storage.list_keys(prefix)}
+            present = {keys.relative_key(prefix, k) for k in self.storage.list_keys(prefix)}
             new = sorted(p for p in local.iterdir() if p.is_file() and p.suffix == ".blob"
                          and (p.name not in present or self._replaced(p)))
             for path in new:
-                self.storage.put_file(path, prefix + path.name)
-        except (StorageError, OSError) as exc:
+                self.storage.put_file(path, keys.compiled_blob_key(prefix, path.name))
+        # A blob whose file name cannot be a key (InvalidName) is not shared; like a storage problem, that only
+        # costs another worker a compile, never this job.
+        except (StorageError, OSError, keys.InvalidName) as exc:
             log.warning("compiled-blob cache: could not push %s: %s", prefix, exc)
             return BlobSync(0, 0)
         return BlobSync(len(new), sum(p.stat().st_size for p in new))
@@ -159,7 +161,5 @@ class SharedBlobCache:
         return pulled is not None and path.stat().st_mtime_ns != pulled
 
     def _prefix(self, model: str, precision: str, fingerprint: str) -> str:
-        signature = self.signature
-        if self.weightless:
-            signature = hashlib.sha256(f"{signature}\nweightless".encode()).hexdigest()[:16]
-        return keys.compiled_blob_prefix(self.device, signature, model, precision, fingerprint)
+        return keys.compiled_blob_prefix(self.device, self.signature, model, precision, fingerprint,
+                                         weightless=self.weightless)

@@ -36,9 +36,10 @@ class WorkerRuntime:
         import openvino as ov
 
         core = ov.Core()
-        config = compile_config(self.device, cache_dir=self.settings.cache_dir / "ov-cache",
-                                inference_precision=self.settings.inference_precision)
-        blobs = SharedBlobCache(self.storage, self.settings.cache_dir / "ov-cache", device=self.device,
+        # One local folder for OpenVINO's CACHE_DIR and the shared blob cache's per-artifact folders inside it.
+        blob_root = self.settings.cache_dir / "ov-cache"
+        config = compile_config(self.device, cache_dir=blob_root, inference_precision=self.settings.inference_precision)
+        blobs = SharedBlobCache(self.storage, blob_root, device=self.device,
                                 signature=device_signature(core, self.device),
                                 share=self.settings.share_compiled_cache)
         return ModelPool(self.storage, cache_dir=self.settings.cache_dir, device=self.device, ov_config=config,

@@ -4,7 +4,7 @@ Redis hands a message to a second worker when the first has held it longer than 
 requeues it when a worker dies. So an item may be delivered while another copy still runs. The item lock
 (a `HeartbeatLock` refreshed while the job runs) lets only one copy run: a second delivery sees the lock and
 is deferred, never run beside the first. A holder that died on this host frees its lock at once (its pid is
-gone); one that died elsewhere frees it when its heartbeat stops (`LOCK_TTL`). No Celery here.
+gone); one that died elsewhere frees it when its heartbeat stops (`LOCK_TTL`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import redis
 from broker.locks import HeartbeatLock
 
 LOCK_TTL = 60
-_BREAK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 def lock_key(batch_id: str, index: int) -> str:
@@ -48,7 +47,7 @@ class ItemLock(HeartbeatLock):
             holder = holder.decode()
         if holder and _holder_is_dead(holder, self.host):
             # The holder crashed on this machine (SIGKILL, OOM): its lock would otherwise block for LOCK_TTL.
-            self.client.eval(_BREAK, 1, self.key, holder)
+            self.delete_if_held_by(holder)
             return super().acquire()
         return False
 

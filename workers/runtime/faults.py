@@ -8,7 +8,7 @@
 
 With `DARKROOM_FAULT_LOG` set, every UNet forward of a wrapped job appends one line
 ``<pid> <batch>.<index> <step> <unix time>`` to that file, so a test can see which process is inside which
-UNet loop. Production workers never set these variables; nothing here runs unless they do. No Celery here.
+UNet loop. Production workers never set these variables; nothing here runs unless they do.
 """
 
 from __future__ import annotations

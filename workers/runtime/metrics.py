@@ -1,4 +1,4 @@
-"""A worker's Prometheus metrics: images, step times, the model pool, failures. No Celery here.
+"""A worker's Prometheus metrics: images, step times, the model pool, failures.
 
 Why multiprocess mode: Celery's prefork pool runs jobs in child processes, so the numbers are made there,
 while the worker's main process is the one that lives as long as the worker. We use prometheus-client's
@@ -24,8 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-ENV_PORT = "DARKROOM_METRICS_PORT"
-ENV_ADDRESS = "DARKROOM_METRICS_ADDRESS"
+from broker.settings import METRICS_PORT_ENV
+
 # Set by serve_metrics, inherited by the pool's children: "metrics are on, and this is their directory".
 _ENV_DIR = "DARKROOM_METRICS_DIR"
 
@@ -45,11 +45,11 @@ def enabled() -> bool:
 
 def port_from_env() -> int | None:
     """DARKROOM_METRICS_PORT, for deployments that configure workers by environment."""
-    raw = os.environ.get(ENV_PORT, "").strip()
+    raw = os.environ.get(METRICS_PORT_ENV, "").strip()
     if not raw:
         return None
     if not raw.isdigit() or not 0 < int(raw) < 65536:
-        raise _invalid(f"{ENV_PORT}={raw!r} is not a TCP port")
+        raise _invalid(f"{METRICS_PORT_ENV}={raw!r} is not a TCP port")
     return int(raw)
 
 
@@ -64,7 +64,8 @@ def serve_metrics(port: int, address: str = "0.0.0.0") -> Path:
         from prometheus_client import CollectorRegistry, start_http_server, values
         from prometheus_client.multiprocess import MultiProcessCollector
     except ImportError:
-        raise _invalid("worker metrics need prometheus-client: pip install 'darkroom[ops]'") from None
+        raise _invalid("worker metrics need prometheus-client: install the ops extra (`pip install '.[ops]'` in "
+                       "darkroom's checkout)") from None
     if not getattr(values.ValueClass, "_multiprocess", False):
         raise _invalid("prometheus_client was imported before metrics were set up; the pool's numbers "
                        "would be lost")

@@ -114,20 +114,20 @@ class ModelPool:
         """
         prefix = keys.model_artifact_prefix(model, precision, fingerprint)
         target = self.cache_dir / prefix
-        if (target / "manifest.json").exists():
+        if (target / keys.ARTIFACT_MANIFEST).exists():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             self.storage.download_prefix(prefix, partial)
-            if not (partial / "manifest.json").exists():
+            if not (partial / keys.ARTIFACT_MANIFEST).exists():
                 raise FileNotFoundError(f"artifact {prefix} in storage has no manifest (not converted, or deleted)")
-            if target.exists() and not (target / "manifest.json").exists():
+            if target.exists() and not (target / keys.ARTIFACT_MANIFEST).exists():
                 shutil.rmtree(target, ignore_errors=True)  # an incomplete copy from an older run
             try:
                 partial.rename(target)
             except OSError:
-                if not (target / "manifest.json").exists():
+                if not (target / keys.ARTIFACT_MANIFEST).exists():
                     raise
         finally:
             shutil.rmtree(partial, ignore_errors=True)

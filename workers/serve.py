@@ -9,11 +9,11 @@ import sys
 
 from broker.app import make_app
 from broker.progress import BatchProgress
-from broker.settings import Settings
+from broker.settings import METRICS_ADDRESS_ENV, Settings
 from tasks.names import generate_queue
+from workers.celery_tasks import configure_tasks
 from workers.runtime import metrics
 from workers.runtime.device import InvalidCores, UnknownDevice, check_device, parse_cores, pin_to_cores
-from workers.runtime.tasks import register_tasks
 
 
 def probe_devices() -> list[str]:
@@ -35,9 +35,10 @@ def run_worker(settings: Settings, *, device: str, queues: list[str] | None = No
         pin_to_cores(pinned)
     # 2. The broker must answer now, with a clear message if not (Celery would retry silently).
     BatchProgress(settings.broker_url).ping()
-    # 3. The app, its tasks, and the queues: this device's generation queue unless told otherwise.
+    # 3. The app, its tasks bound to these settings and this device, and the queues: this device's generation
+    #    queue unless told otherwise.
     app = make_app(settings)
-    register_tasks(app, settings, device, preload=preload)
+    configure_tasks(app, settings, device, preload=preload)
     names = queues or [generate_queue(device)]
     argv = ["worker", "-Q", ",".join(names), "-c", str(concurrency), "-P", "prefork",
             "-n", f"darkroom-{device}-{os.getpid()}@%h", "--loglevel", loglevel, "-E",
@@ -45,7 +46,7 @@ def run_worker(settings: Settings, *, device: str, queues: list[str] | None = No
     # 4. Prometheus metrics (off unless a port is given, here or in DARKROOM_METRICS_PORT), before the pool forks.
     metrics_port = metrics_port or metrics.port_from_env()
     if metrics_port:
-        metrics.serve_metrics(metrics_port, metrics_address or os.environ.get(metrics.ENV_ADDRESS) or "0.0.0.0")
+        metrics.serve_metrics(metrics_port, metrics_address or os.environ.get(METRICS_ADDRESS_ENV) or "0.0.0.0")
     app.worker_main(argv)
 
 
