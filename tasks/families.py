@@ -29,7 +29,8 @@ COMMON_DEFAULTS: Mapping[str, Any] = {
     "steps": 20, "guidance": 7.5, "negative_prompt": "", "images_per_prompt": 1,
     "controlnet_scale": DEFAULT_CONTROLNET_SCALE, "strength": DEFAULT_STRENGTH,
 }
-# A model's manifest without defaults (an old artifact) renders at SD 1.x's native size with PNDM.
+# The model's defaults when its manifest records none (an artifact older than the defaults): SD 1.x's native
+# size and scheduler.
 MANIFEST_FALLBACK: Mapping[str, Any] = {"width": 512, "height": 512, "scheduler": "pndm"}
 
 CONTROL_FIELDS = ("control_image", "annotator", "controlnet_scale")

@@ -8,6 +8,7 @@ from typing import Any
 
 from storage import ObjectNotFound, Storage, keys
 from tasks.errors import InvalidRequest
+from tasks.families import MANIFEST_FALLBACK
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,11 @@ def resolve_model(storage: Storage, name: str, precision: str | None = None) -> 
             have = ", ".join(sorted({m["precision"] for m in artifacts}))
             raise InvalidRequest(f"model {name!r} has no {precision} artifact (has: {have})", field="precision")
         chosen = candidates[-1]
-    d = chosen.get("defaults", {})
+    # A manifest written before artifacts recorded their family and defaults is an SD 1.x model's.
+    d = {**MANIFEST_FALLBACK, **chosen.get("defaults", {})}
     return ModelRef(name=name, precision=chosen["precision"], fingerprint=chosen["fingerprint"],
-                    family=chosen.get("family", "sd"), width=int(d.get("width", 512)),
-                    height=int(d.get("height", 512)), scheduler=d.get("scheduler", "pndm"))
+                    family=chosen.get("family", "sd"), width=int(d["width"]), height=int(d["height"]),
+                    scheduler=str(d["scheduler"]))
 
 
 FLOAT_PRECISIONS = ("fp32", "fp16")
