@@ -12,6 +12,11 @@ _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL
 _REFRESH = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end return 0"
 
 
+def item_lock_key(batch_id: str, index: int) -> str:
+    """The lock a worker holds while it renders an item (a cancel leaves a held item to stop by itself)."""
+    return f"darkroom:lock:item:{batch_id}:{index}"
+
+
 class HeartbeatLock:
     """Held while the job runs; expires `ttl` seconds after its holder dies, refreshed every ttl/3 seconds."""
 

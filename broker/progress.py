@@ -27,7 +27,7 @@ if not (prev == 'done' and ARGV[3] ~= 'done') then
   end
 end
 for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
-return redis.call('HMGET', KEYS[3], 'total', 'done', 'failed')
+return redis.call('HMGET', KEYS[3], 'total', 'done', 'failed', 'cancelled')
 """
 
 
@@ -39,14 +39,18 @@ class BatchCounts:
     failed: int
     # How many finished items the batch manifest in storage covered when it was last written.
     in_manifest: int = 0
+    # Items recorded `cancelled` (the batch was cancelled before they rendered, or while they did).
+    cancelled: int = 0
 
     @property
     def finished(self) -> int:
-        return self.done + self.failed
+        return self.done + self.failed + self.cancelled
 
     @property
     def state(self) -> str:
         if self.total and self.finished >= self.total:
+            if self.cancelled:
+                return "cancelled"
             return "completed" if not self.failed else "completed_with_failures"
         return "running" if self.finished else "queued"
 
@@ -99,15 +103,17 @@ class BatchProgress:
     def record(self, result: ItemResult) -> BatchCounts:
         keys = [_key(result.batch_id, part) for part in ("items", "status", "meta")]
         args = [result.index, result.model_dump_json(), result.status, self.ttl]
-        total, done, failed = self.client.eval(_RECORD, 3, *keys, *args)
-        return BatchCounts(result.batch_id, int(total or 0), int(done or 0), int(failed or 0))
+        total, done, failed, cancelled = self.client.eval(_RECORD, 3, *keys, *args)
+        return BatchCounts(result.batch_id, int(total or 0), int(done or 0), int(failed or 0),
+                           cancelled=int(cancelled or 0))
 
     def counts(self, batch_id: str) -> BatchCounts | None:
-        total, done, failed, manifest = self.client.hmget(_key(batch_id, "meta"), "total", "done", "failed",
-                                                          "in_manifest")
+        total, done, failed, manifest, cancelled = self.client.hmget(_key(batch_id, "meta"), "total", "done",
+                                                                     "failed", "in_manifest", "cancelled")
         if total is None:
             return None
-        return BatchCounts(batch_id, int(total), int(done or 0), int(failed or 0), int(manifest or 0))
+        return BatchCounts(batch_id, int(total), int(done or 0), int(failed or 0), int(manifest or 0),
+                           int(cancelled or 0))
 
     def mark_manifest(self, batch_id: str, items: int) -> None:
         """The manifest now in storage covers `items` finished items (never lowered by a late writer)."""

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from broker.progress import BatchCounts, BatchProgress
 from broker.settings import Settings
+from broker.steering import CANCELLED, PAUSED, BatchSteering
 from storage import ObjectNotFound, StorageError, keys, open_storage
 from tasks.errors import InvalidRequest, ServiceUnavailable
 from tasks.schemas import ItemResult, invalid_from_validation
@@ -31,11 +32,12 @@ class BatchSummary:
     failed: int
     items: tuple[ItemResult, ...]
     invalid: tuple[str, ...] = ()
+    cancelled: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return {
             "batch_id": self.batch_id, "state": self.state, "total": self.total, "done": self.done,
-            "failed": self.failed, "invalid": list(self.invalid),
+            "failed": self.failed, "cancelled": self.cancelled, "invalid": list(self.invalid),
             "items": [i.model_dump(include={"index", "prompt", "seed", "status", "uri", "error", "warnings"})
                       for i in self.items],
         }
@@ -63,7 +65,7 @@ class BatchHandle:
 
     def wait(self, *, timeout: float | None = None, poll: float = 0.5,
              on_progress: Callable[[BatchCounts], None] | None = None) -> BatchSummary:
-        """Block until every item is done or failed; TimeoutError after `timeout` seconds."""
+        """Block until every item is done, failed or cancelled; TimeoutError after `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         broken_since: float | None = None
         finished_at: float | None = None
@@ -107,7 +109,8 @@ def batch_counts(batch_id: str, settings: Settings, progress: BatchProgress | No
     if counts is not None:
         return counts
     manifest = _manifest(batch_id, settings)
-    return BatchCounts(batch_id, manifest["total"], manifest["done"], manifest["failed"])
+    return BatchCounts(batch_id, manifest["total"], manifest["done"], manifest["failed"],
+                       cancelled=manifest.get("cancelled", 0))
 
 
 def batch_summary(batch_id: str, settings: Settings, progress: BatchProgress | None = None,
@@ -117,7 +120,8 @@ def batch_summary(batch_id: str, settings: Settings, progress: BatchProgress | N
     counts = progress.counts(batch_id)
     if counts is not None:
         items = tuple(progress.items(batch_id))
-        return BatchSummary(batch_id, counts.state, counts.total, counts.done, counts.failed, items, invalid)
+        return BatchSummary(batch_id, live_state(counts, progress), counts.total, counts.done, counts.failed, items,
+                            invalid, counts.cancelled)
     manifest = _manifest(batch_id, settings)
     try:
         items = tuple(ItemResult.model_validate(i) for i in manifest["items"])
@@ -125,7 +129,15 @@ def batch_summary(batch_id: str, settings: Settings, progress: BatchProgress | N
         raise InvalidRequest(f"the manifest of batch {batch_id!r} in storage is malformed: "
                              f"{invalid_from_validation(exc)}", field="batch") from None
     return BatchSummary(batch_id, manifest["state"], manifest["total"], manifest["done"], manifest["failed"],
-                        items, invalid)
+                        items, invalid, manifest.get("cancelled", 0))
+
+
+def live_state(counts: BatchCounts, progress: BatchProgress) -> str:
+    """The batch's state from its counts, or `paused` / `cancelling` while a producer's mark holds it."""
+    if counts.total and counts.finished >= counts.total:
+        return counts.state
+    mark = BatchSteering(progress.client).mark(counts.batch_id)
+    return {PAUSED: "paused", CANCELLED: "cancelling"}.get(mark or "", counts.state)
 
 
 def _manifest(batch_id: str, settings: Settings) -> dict[str, Any]:

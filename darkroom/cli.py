@@ -13,11 +13,20 @@ from kombu.exceptions import OperationalError
 
 from broker.settings import redact_url
 from darkroom import submit
-from darkroom.batches import batch_summary
-from darkroom.cli_common import EXIT_FAILED_ITEMS, EXIT_INVALID, EXIT_UNAVAILABLE, check_batch, fail, settings_of
+from darkroom.batches import BatchSummary, batch_summary
+from darkroom.cli_common import (
+    EXIT_CANCELLED,
+    EXIT_FAILED_ITEMS,
+    EXIT_INVALID,
+    EXIT_UNAVAILABLE,
+    check_batch,
+    fail,
+    settings_of,
+)
 from darkroom.cli_demo_model import add_demo_model_commands
 from darkroom.cli_models import add_model_commands
 from darkroom.cli_ops import add_ops_commands
+from darkroom.cli_steer import add_steer_commands
 from darkroom.convert import submit_convert
 from darkroom.demo import run_demo
 from darkroom.progress_view import print_summary, wait_with_progress
@@ -83,6 +92,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0
     summary = wait_with_progress(handle, quiet=args.json, timeout=args.timeout)
     print_summary(summary, as_json=args.json)
+    return exit_code(summary)
+
+
+def exit_code(summary: BatchSummary) -> int:
+    """A finished batch's exit code: cancelled, else some items failed, else 0."""
+    if summary.state == "cancelled":
+        return EXIT_CANCELLED
     return EXIT_FAILED_ITEMS if summary.failed else 0
 
 
@@ -247,5 +263,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_model_commands(sub)
     add_ops_commands(sub)
+    add_steer_commands(sub)
     add_demo_model_commands(sub)
     return parser

@@ -13,6 +13,8 @@ from tasks.errors import InvalidRequest
 EXIT_FAILED_ITEMS = 1
 EXIT_INVALID = 2
 EXIT_UNAVAILABLE = 3
+# `darkroom submit --wait` (and `retry --wait`) on a batch that ended cancelled.
+EXIT_CANCELLED = 4
 
 
 def fail(message: str, code: int) -> int:

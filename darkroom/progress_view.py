@@ -16,14 +16,15 @@ def wait_with_progress(handle: Any, *, quiet: bool, timeout: float | None) -> An
     with Progress(*columns, transient=False) as bar:
         task = bar.add_task(handle.batch_id, total=handle.total, failed=0)
         return handle.wait(timeout=timeout, on_progress=lambda c: bar.update(task, completed=c.finished,
-                                                                             failed=c.failed))
+                                                                             failed=c.failed + c.cancelled))
 
 
 def print_summary(summary: Any, *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary.as_json(), indent=2))
         return
-    print(f"batch {summary.batch_id}: {summary.state}, {summary.done} done, {summary.failed} failed "
+    cancelled = f", {summary.cancelled} cancelled" if summary.cancelled else ""
+    print(f"batch {summary.batch_id}: {summary.state}, {summary.done} done, {summary.failed} failed{cancelled} "
           f"of {summary.total}")
     for item in summary.items:
         if item.status == "failed":

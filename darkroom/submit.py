@@ -75,14 +75,15 @@ def submit(request: GenerationRequest | Prompts, /, *, settings: Settings | None
     plan = BatchPlan(request, ref, family, request.batch_id or _new_batch_id(), batch_seed)
     jobs = expand_jobs(plan, lines, images, limits)
     # 7. Record the request (storage) and the batch (Redis) before the first task can finish.
+    queue = request.queue or generate_queue(request.device)
     record = {"batch_id": plan.batch_id, "batch_seed": batch_seed, "model": ref.name, "precision": ref.precision,
-              "fingerprint": ref.fingerprint, "created": datetime.now(UTC).isoformat(),
+              "fingerprint": ref.fingerprint, "created": datetime.now(UTC).isoformat(), "queue": queue,
               "total": len(jobs), "items": [j.model_dump() for j in jobs]}
     storage.put_json(keys.batch_request_key(plan.batch_id), record)
     progress.start(plan.batch_id, len(jobs), {"model": ref.name, "fingerprint": ref.fingerprint})
     # 8. Enqueue, skipping items a previous submission of the same batch already finished.
     finished = {i for i, status in progress.status_of(plan.batch_id).items() if status == "done"}
-    enqueued = send_jobs(jobs, settings, queue=request.queue or generate_queue(request.device), skip=finished)
+    enqueued = send_jobs(jobs, settings, queue=queue, skip=finished)
     invalid = tuple(str(p) for p in (*parsed.problems, *too_long))
     return BatchHandle(plan.batch_id, len(jobs), settings, invalid, enqueued, progress)
 

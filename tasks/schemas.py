@@ -237,7 +237,7 @@ class ItemResult(BaseModel):
 
     batch_id: str
     index: int
-    status: Literal["done", "failed"]
+    status: Literal["done", "failed", "cancelled"]
     prompt: str = ""
     seed: int | None = None
     uri: str | None = None

@@ -38,7 +38,8 @@ def backoff(retries: int) -> float:
 
 def _summary(outcome: Any) -> dict[str, Any]:
     """A generation's result: the item's identity and outcome; the full record is in storage and Redis."""
-    return outcome.result.model_dump(include=_SUMMARY_FIELDS)
+    summary = outcome.result.model_dump(include=_SUMMARY_FIELDS)
+    return {**summary, "status": "parked"} if outcome.parked else summary
 
 
 def _failed(error: str) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from broker.manifest import write_manifest
+from broker.steering import CANCELLED, PAUSED
 from storage import StorageError, StorageUnavailable, keys
 from tasks.errors import InvalidRequest, TransientError
 from tasks.schemas import GenerateJob, ItemResult, invalid_from_validation
@@ -17,6 +19,7 @@ from workers.generate.control import control_inputs
 from workers.generate.img2img import img2img_inputs, img2img_metadata
 from workers.generate.prompt_length import prompt_warnings
 from workers.generate.wuerstchen import wuerstchen_inputs
+from workers.pipelines.interrupt import Interrupted
 from workers.pipelines.png import encode_png
 from workers.runtime import faults, metrics
 from workers.runtime.context import WorkerRuntime
@@ -28,6 +31,8 @@ log = logging.getLogger(__name__)
 class GenerateOutcome:
     result: ItemResult
     finished_batch: bool
+    # The batch is paused: the item was parked, not rendered; `darkroom resume` sends it again.
+    parked: bool = False
 
 
 def parse_job(payload: object) -> GenerateJob:
@@ -50,18 +55,32 @@ def run_generate(payload: object, runtime: WorkerRuntime, *, attempt: int = 1) -
         if storage.exists(record_key):
             result = ItemResult.model_validate(storage.get_json(record_key))
             return _record(runtime, result)
-        # 3. The warm pipeline for this artifact and shape.
+        # 3. A cancelled batch's item is recorded as such without loading a model; a paused batch's is parked,
+        #    so this worker goes on to the next batch's item.
+        steer = runtime.steering.park_or_go(job.batch_id, job.index)
+        if steer == CANCELLED:
+            return record_cancelled(job, runtime, attempt=attempt)
+        if steer == PAUSED:
+            log.info("item %s.%s: batch paused; parked until it resumes", job.batch_id, job.index)
+            return GenerateOutcome(ItemResult(batch_id=job.batch_id, index=job.index, status="cancelled",
+                                              prompt=job.prompt, seed=job.seed), False, parked=True)
+        # 4. The warm pipeline for this artifact and shape.
         pipeline = runtime.pool.get(job.model, job.precision, job.fingerprint, width=job.width,
                                     height=job.height, cfg=job.guidance > 1.0, img2img=job.init_image is not None)
         warnings = prompt_warnings(pipeline, job)  # tokens past the model's limit: reported, never silent
-        # 4. Render.
+        # 5. Render; a cancel stops it at the next denoising step (one Redis GET per step), nothing written.
         control = control_inputs(job, runtime, pipeline)  # ControlNet: the (annotated, cached) control image
         prior = wuerstchen_inputs(job, pipeline)  # Wuerstchen: the prior's steps and guidance
-        out = faults.wrap(pipeline, job).generate(job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
-                                guidance_scale=job.guidance, scheduler=job.scheduler, seed=job.seed, **control,
-                                **prior, **img2img_inputs(job, storage))
+        try:
+            out = faults.wrap(pipeline, job).generate(
+                job.prompt, negative_prompt=job.negative_prompt, steps=job.steps, guidance_scale=job.guidance,
+                scheduler=job.scheduler, seed=job.seed, **control, **prior, **img2img_inputs(job, storage),
+                should_stop=lambda: runtime.steering.is_cancelled(job.batch_id))
+        except Interrupted:
+            log.info("item %s.%s: batch cancelled mid-render; nothing written", job.batch_id, job.index)
+            return record_cancelled(job, runtime, attempt=attempt)
         image, marked = _watermark(out.image, job)  # optional invisible watermark, recorded in the metadata
-        # 5. Image first, then its record: a record always points at a whole image.
+        # 6. Image first, then its record: a record always points at a whole image.
         png = encode_png(image, {**png_metadata(job, runtime.device), **img2img_metadata(job), **marked})
         uri = storage.put_bytes(image_key, png, content_type="image/png")
         result = ItemResult(batch_id=job.batch_id, index=job.index, status="done", prompt=job.prompt,
@@ -86,6 +105,13 @@ def _watermark(image: object, job: GenerateJob) -> tuple[object, dict[str, objec
         return watermark.apply(image, job.watermark)  # type: ignore[arg-type]
     except ValueError as exc:
         raise InvalidRequest(str(exc), field="watermark") from None
+
+
+def record_cancelled(job: GenerateJob, runtime: WorkerRuntime, *, attempt: int) -> GenerateOutcome:
+    """An item of a cancelled batch: counted as finished (`cancelled`), with no image and no record in storage."""
+    result = ItemResult(batch_id=job.batch_id, index=job.index, status="cancelled", prompt=job.prompt,
+                        seed=job.seed, worker=f"{runtime.hostname}:{os.getpid()}", attempts=attempt)
+    return _record(runtime, result)
 
 
 def record_failure(payload: object, runtime: WorkerRuntime, error: str, *, attempt: int) -> GenerateOutcome:
@@ -131,24 +157,8 @@ def _record(runtime: WorkerRuntime, result: ItemResult) -> GenerateOutcome:
     counts = runtime.progress.record(result)
     finished = counts.total > 0 and counts.finished >= counts.total
     if finished:
-        write_manifest(runtime, result.batch_id)
+        write_manifest(runtime.progress, runtime.storage, result.batch_id)
     return GenerateOutcome(result, finished)
-
-
-def write_manifest(runtime: WorkerRuntime, batch_id: str) -> str:
-    """The batch manifest, written last: one entry per item, sorted by index."""
-    counts = runtime.progress.counts(batch_id)
-    items = runtime.progress.items(batch_id)
-    manifest = {
-        "batch_id": batch_id, "state": counts.state if counts else "unknown",
-        "total": counts.total if counts else len(items), "done": sum(i.status == "done" for i in items),
-        "failed": sum(i.status == "failed" for i in items),
-        "items": [i.model_dump() for i in items],
-    }
-    uri = runtime.storage.put_json(keys.batch_manifest_key(batch_id), manifest)
-    # Producers waiting on the batch return once the manifest is in storage, not merely once Redis says done.
-    runtime.progress.mark_manifest(batch_id, len(items))
-    return uri
 
 
 def _identity(payload: object) -> tuple[str | None, int | None, str, int | None]:

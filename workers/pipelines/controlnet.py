@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from workers.pipelines.interrupt import ShouldStop
 from workers.pipelines.sd import CompiledModel, GenerationResult, OVStableDiffusion, SDFolder, read_static
 
 if TYPE_CHECKING:
@@ -79,7 +80,8 @@ class OVControlNetPipeline(OVStableDiffusion):
 
     def generate(self, prompt: str, *, negative_prompt: str = "", steps: int, guidance_scale: float,
                  scheduler: str, seed: int, latents: np.ndarray | None = None,
-                 control_image: np.ndarray | None = None, controlnet_scale: float = 1.0) -> GenerationResult:
+                 control_image: np.ndarray | None = None, controlnet_scale: float = 1.0,
+                 should_stop: ShouldStop = None) -> GenerationResult:
         """One image, as diffusers' StableDiffusionControlNetPipeline makes it with the same seed and image.
 
         `control_image` is uint8 height x width x 3 (RGB) at exactly the pipeline's size.
@@ -101,7 +103,8 @@ class OVControlNetPipeline(OVStableDiffusion):
             self._scale = float(controlnet_scale)
             try:
                 return super().generate(prompt, negative_prompt=negative_prompt, steps=steps,
-                                        guidance_scale=guidance_scale, scheduler=scheduler, seed=seed, latents=latents)
+                                        guidance_scale=guidance_scale, scheduler=scheduler, seed=seed, latents=latents,
+                                        should_stop=should_stop)
             finally:
                 self._control = None
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from workers.pipelines.interrupt import ShouldStop
 from workers.pipelines.sd import CompiledModel, GenerationResult, OVStableDiffusion, compile_static
 
 if TYPE_CHECKING:
@@ -46,7 +47,8 @@ class OVStableDiffusionImg2Img(OVStableDiffusion):
 
     def generate(self, prompt: str, *, negative_prompt: str = "", steps: int, guidance_scale: float,
                  scheduler: str, seed: int, latents: np.ndarray | None = None,
-                 init_image: np.ndarray | None = None, strength: float = 0.8) -> GenerationResult:
+                 init_image: np.ndarray | None = None, strength: float = 0.8,
+                 should_stop: ShouldStop = None) -> GenerationResult:
         """One image from `init_image` (uint8, height x width x 3), with generator=manual_seed(seed)."""
         if init_image is None:
             raise ValueError("init_image is required for image-to-image")
@@ -70,7 +72,7 @@ class OVStableDiffusionImg2Img(OVStableDiffusion):
             return self._init_latents(init_image, sched, timesteps[:1], generator), timesteps
 
         return self._render(prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
-                            seed=seed, start=start, start_phase="encode_image")
+                            seed=seed, start=start, start_phase="encode_image", should_stop=should_stop)
 
     def _init_latents(self, init_image: np.ndarray, sched: Any, first: torch.Tensor,
                       generator: torch.Generator) -> torch.Tensor:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from workers.pipelines.interrupt import ShouldStop, check
 from workers.pipelines.schedulers import make_scheduler
 
 if TYPE_CHECKING:
@@ -200,8 +201,11 @@ class OVStableDiffusion:
         return cls(**folder.pipeline_args(models))
 
     def generate(self, prompt: str, *, negative_prompt: str = "", steps: int, guidance_scale: float,
-                 scheduler: str, seed: int, latents: np.ndarray | None = None) -> GenerationResult:
-        """One image, as diffusers' StableDiffusionPipeline makes it with generator=manual_seed(seed)."""
+                 scheduler: str, seed: int, latents: np.ndarray | None = None,
+                 should_stop: ShouldStop = None) -> GenerationResult:
+        """One image, as diffusers' StableDiffusionPipeline makes it with generator=manual_seed(seed).
+
+        `should_stop`, checked once per denoising step, ends the render with `Interrupted` when it says so."""
 
         def start(sched: Any, generator: torch.Generator) -> tuple[torch.Tensor, Any]:
             import torch
@@ -215,10 +219,11 @@ class OVStableDiffusion:
             return noise * sched.init_noise_sigma, sched.timesteps
 
         return self._render(prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
-                            seed=seed, start=start)
+                            seed=seed, start=start, should_stop=should_stop)
 
     def _render(self, prompt: str, negative_prompt: str, *, steps: int, guidance_scale: float, scheduler: str,
-                seed: int, start: Start, start_phase: str | None = None) -> GenerationResult:
+                seed: int, start: Start, start_phase: str | None = None,
+                should_stop: ShouldStop = None) -> GenerationResult:
         """One image of any SD-family pipeline: encode, a fresh scheduler, `start` (initial latents and the
         timesteps to run, timed as `start_phase` when given), denoise, decode; timings per phase."""
         import torch
@@ -244,7 +249,7 @@ class OVStableDiffusion:
                 timings[start_phase] = time.perf_counter() - mark
             mark = time.perf_counter()
             sample = self._denoise(sched, sample, context, guidance_scale=guidance_scale, generator=generator,
-                                   cfg=cfg, timesteps=timesteps)
+                                   cfg=cfg, timesteps=timesteps, should_stop=should_stop)
             timings["denoise"] = time.perf_counter() - mark
             mark = time.perf_counter()
             image = self._decode(sample)
@@ -260,13 +265,14 @@ class OVStableDiffusion:
         return self.text_encoder("last_hidden_state", input_ids=ids.astype(self.text_encoder.input_dtype("input_ids")))
 
     def _denoise(self, sched: Any, latents: torch.Tensor, context: Any, *, guidance_scale: float,
-                 generator: torch.Generator, cfg: bool, timesteps: Any) -> torch.Tensor:
+                 generator: torch.Generator, cfg: bool, timesteps: Any, should_stop: ShouldStop = None) -> torch.Tensor:
         """diffusers' denoising loop over `timesteps` (the whole schedule, or image-to-image's tail of it)."""
         import torch
 
         extra = step_kwargs(sched, generator)
         timestep_dtype = self.unet.input_dtype("timestep")
         for t in timesteps:
+            check(should_stop)
             model_input = torch.cat([latents] * 2) if cfg else latents
             model_input = sched.scale_model_input(model_input, t)
             # float32 keeps fractional timesteps exact; integer timesteps (< 2**24) convert exactly too.

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.families import DEFAULT_PRIOR_GUIDANCE, DEFAULT_PRIOR_STEPS, WUERSTCHEN, WUERSTCHEN_SCHEDULER
+from workers.pipelines.interrupt import ShouldStop, check
 from workers.pipelines.sd import (
     CompiledModel,
     GenerationResult,
@@ -125,8 +126,8 @@ class OVWuerstchen:
 
     def generate(self, prompt: str, *, negative_prompt: str = "", steps: int, guidance_scale: float,
                  scheduler: str = WUERSTCHEN_SCHEDULER, seed: int, prior_steps: int = DEFAULT_PRIOR_STEPS,
-                 prior_guidance: float = DEFAULT_PRIOR_GUIDANCE, latents: np.ndarray | None = None
-                 ) -> GenerationResult:
+                 prior_guidance: float = DEFAULT_PRIOR_GUIDANCE, latents: np.ndarray | None = None,
+                 should_stop: ShouldStop = None) -> GenerationResult:
         """One image, as WuerstchenCombinedPipeline makes it with generator=manual_seed(seed).
 
         `steps`/`guidance_scale` are the decoder's (diffusers: num_inference_steps, decoder_guidance_scale);
@@ -157,7 +158,7 @@ class OVWuerstchen:
             else:
                 noise = given_latents(latents, self.prior_shape, "the prior's shape")
             sample = self._denoise(self._model("prior_prior", 2 if prior_cfg else 1), sched,
-                                   noise * sched.init_noise_sigma, prior_guidance, prior_cfg, generator,
+                                   noise * sched.init_noise_sigma, prior_guidance, prior_cfg, generator, should_stop,
                                    encoder_hidden_states=prior_context)
             embeddings = sample * self.constants["latent_mean"] - self.constants["latent_std"]
             clock.lap("prior")
@@ -167,7 +168,7 @@ class OVWuerstchen:
             sched.set_timesteps(steps)
             noise = torch.randn(self.latent_shape, generator=generator, dtype=torch.float32)
             sample = self._denoise(self.unet, sched, noise * sched.init_noise_sigma, guidance_scale, cfg, generator,
-                                   effnet=effnet.numpy(), encoder_hidden_states=context)
+                                   should_stop, effnet=effnet.numpy(), encoder_hidden_states=context)
             clock.lap("denoise")  # the decoder's steps: what the step-time metric divides by `steps`
             # Stage A: pixels.
             image = self._decode(sample)
@@ -182,11 +183,12 @@ class OVWuerstchen:
 
     @staticmethod
     def _denoise(model: Any, sched: Any, latents: torch.Tensor, guidance: float, cfg: bool,
-                 generator: torch.Generator, **conditions: np.ndarray) -> torch.Tensor:
+                 generator: torch.Generator, should_stop: ShouldStop, **conditions: np.ndarray) -> torch.Tensor:
         """diffusers' loop of either stage: every timestep but the last (0), the ratio as a batch-sized input."""
         import torch
 
         for t in sched.timesteps[:-1]:
+            check(should_stop)
             ratio = t.expand(latents.size(0)).to(latents.dtype)
             sample, ratios = (torch.cat([latents] * 2), torch.cat([ratio] * 2)) if cfg else (latents, ratio)
             predicted = torch.from_numpy(model("out_sample", sample=sample.numpy(), timestep_ratio=ratios.numpy(),

@@ -11,6 +11,7 @@ from functools import cached_property
 
 from broker.progress import BatchProgress
 from broker.settings import Settings
+from broker.steering import BatchSteering
 from storage import Storage, open_storage
 from workers.runtime.blob_cache import SharedBlobCache, device_signature
 from workers.runtime.device import compile_config
@@ -30,6 +31,11 @@ class WorkerRuntime:
     def progress(self) -> BatchProgress:
         # A worker waits out a Redis restart (about 60 s) rather than failing an item it has rendered.
         return BatchProgress(self.settings.broker_url, ttl=self.settings.progress_ttl, ride_out=60)
+
+    @cached_property
+    def steering(self) -> BatchSteering:
+        """The batches' cancel and pause marks, on the progress connection."""
+        return BatchSteering(self.progress.client, ttl=self.settings.progress_ttl)
 
     @cached_property
     def pool(self) -> ModelPool:

@@ -18,13 +18,9 @@ from typing import Any
 
 import redis
 
-from broker.locks import HeartbeatLock
+from broker.locks import HeartbeatLock, item_lock_key
 
 LOCK_TTL = 60
-
-
-def lock_key(batch_id: str, index: int) -> str:
-    return f"darkroom:lock:item:{batch_id}:{index}"
 
 
 def dead_letter_key(batch_id: str) -> str:
@@ -35,7 +31,7 @@ class ItemLock(HeartbeatLock):
     """A HeartbeatLock whose token names its holder (host and pid), so a crashed holder can be recognised."""
 
     def __init__(self, client: redis.Redis, batch_id: str, index: int, *, ttl: int = LOCK_TTL) -> None:
-        super().__init__(client, lock_key(batch_id, index), ttl=ttl)
+        super().__init__(client, item_lock_key(batch_id, index), ttl=ttl)
         self.host = socket.gethostname()
         self.token = f"{self.host} {os.getpid()} {self.token}"
 

@@ -1,0 +1,195 @@
+"""Steering batches: cancel and pause/resume, against a real Redis, real `darkroom worker` processes and real
+OpenVINO on the tiny model. The UNet loop is slowed by the test-only fault hook (workers/runtime/faults.py), whose
+log says which item ran which denoising step in which process: what rendered, and when it stopped."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from broker.settings import Settings
+from broker.steering import BatchSteering
+from darkroom import submit
+from darkroom.steering import cancel, pause, resume
+from storage import keys, open_storage
+from testkit.fleet import REPO, WorkerProcess, convert_model, run_cli
+from tests.conftest import queue_settings_for, redis_db_url
+from tests.faults import PROMPTS, RENDER, SEED, Farm, farm, mid_unet, overlapping_runs, unet_steps, wait_for
+
+SLOW = "slow-unet:0.3"
+
+
+@pytest.fixture(scope="module")
+def settings(redis_server: object, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return queue_settings_for(tmp_path_factory.mktemp("steer"), redis_db_url(redis_server, 8))
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("steer-logs")
+
+
+@pytest.fixture(scope="module")
+def model(settings: Settings, logs: Path, tiny_sd_dir: Path) -> str:
+    worker = WorkerProcess(settings, ["convert"], logs / "convert.log").start()
+    try:
+        convert_model(settings, tiny_sd_dir, "tiny")
+    finally:
+        worker.stop()
+    return "tiny"
+
+
+@pytest.fixture(scope="module")
+def slow_farm(settings: Settings, logs: Path, model: str) -> Iterator[Farm]:
+    """One warm worker on queue `steer` whose every UNet step takes 0.3 s more."""
+    with farm(settings, "steer", logs) as f:
+        f.start("w", faults=SLOW)
+        yield f
+
+
+@pytest.fixture(scope="module")
+def client(settings: Settings) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(settings.broker_url)
+    yield c
+    c.close()
+
+
+def _pngs(settings: Settings, batch_id: str) -> list[str]:
+    return [k for k in open_storage(settings.storage_url).list_keys(f"images/{batch_id}/") if k.endswith(".png")]
+
+
+def _steps_of(f: Farm, batch_id: str) -> dict[int, list[int]]:
+    """Per item index of `batch_id`, the UNet steps its render(s) reached, in order."""
+    out: dict[int, list[int]] = {}
+    for s in unet_steps(f.fault_log):
+        if s.item.startswith(batch_id + "."):
+            out.setdefault(int(s.item.rsplit(".", 1)[1]), []).append(s.step)
+    return out
+
+
+def test_cancel_with_no_worker_finishes_the_batch_and_a_worker_later_renders_nothing(
+        settings: Settings, logs: Path, model: str, client: redis.Redis) -> None:
+    held = "steer-held"
+    handle = submit(PROMPTS[:5], model=model, seed=SEED, queue=held, batch_id="cancel-held", settings=settings,
+                    **RENDER)
+    assert client.llen(held) == 5
+    result = cancel(handle.batch_id, settings=settings)
+    assert (result.state, result.items) == ("cancelled", 5)
+    summary = handle.wait(timeout=30)
+    assert (summary.state, summary.done, summary.failed, summary.cancelled) == ("cancelled", 0, 0, 5)
+    manifest = open_storage(settings.storage_url).get_json(keys.batch_manifest_key(handle.batch_id))
+    assert manifest["state"] == "cancelled" and manifest["cancelled"] == 5
+    assert sorted(i["index"] for i in manifest["items"]) == list(range(5))
+    assert {i["status"] for i in manifest["items"]} == {"cancelled"}
+    # Cancelling again changes nothing and says so.
+    assert cancel(handle.batch_id, settings=settings).note == "already cancelled"
+    again = run_cli("cancel", handle.batch_id, settings=settings)
+    assert again.returncode == 0 and "already cancelled" in again.stdout, again.stderr
+    # A worker that then receives the queued items records them without loading the model or rendering.
+    with farm(settings, held, logs) as f:
+        f.start("drain")
+        wait_for(lambda: client.llen(held) == 0, timeout=120, what="the cancelled items to be drained")
+        time.sleep(1.0)
+        assert _steps_of(f, handle.batch_id) == {}
+    assert _pngs(settings, handle.batch_id) == []
+    assert handle.summary().cancelled == 5
+
+
+def test_cancel_stops_the_running_item_at_its_next_step_and_nothing_after_it_renders(
+        settings: Settings, slow_farm: Farm, client: redis.Redis) -> None:
+    handle = slow_farm.submit(PROMPTS[:4], batch_id="cancel-running", steps=20)
+    running = mid_unet(slow_farm, handle.batch_id, min_step=3)
+    index = int(running.item.rsplit(".", 1)[1])
+    cancelled_at = time.monotonic()
+    cancel(handle.batch_id, settings=settings)
+    summary = handle.wait(timeout=60)
+    waited = time.monotonic() - cancelled_at
+    assert summary.state == "cancelled" and summary.done == 0 and summary.cancelled == 4, summary
+    steps = _steps_of(slow_farm, handle.batch_id)
+    # The running item stopped within a step or two of the cancel (a step in flight, then the check), far
+    # from its 20 steps; no other item of the batch ever reached the UNet.
+    assert set(steps) == {index}, steps
+    assert max(steps[index]) <= running.step + 3, (running, steps)
+    assert waited < 20, waited
+    assert _pngs(settings, handle.batch_id) == []
+    item = next(i for i in summary.items if i.index == index)
+    assert item.status == "cancelled" and item.worker and "producer" not in item.worker
+    assert not open_storage(settings.storage_url).exists(keys.item_record_key(handle.batch_id, index))
+    wait_for(lambda: client.llen("steer") == 0, timeout=60, what="the worker to go idle")
+
+
+def test_a_paused_batch_parks_its_items_lets_another_batch_through_and_resume_renders_the_rest(
+        settings: Settings, slow_farm: Farm) -> None:
+    paused = slow_farm.submit(PROMPTS[:4], batch_id="paused-a")
+    first = mid_unet(slow_farm, paused.batch_id, min_step=1)
+    assert pause(paused.batch_id, settings=settings).state == "paused"
+    assert pause(paused.batch_id, settings=settings).note == "already paused"
+    other = slow_farm.submit(PROMPTS[4:6], batch_id="runs-b")
+    # No head-of-line blocking: the other batch completes while the first is paused.
+    assert other.wait(timeout=120).state == "completed"
+    progress = paused.progress
+    steering = BatchSteering(progress.client)
+    parked = wait_for(lambda: steering.parked(paused.batch_id) if len(steering.parked(paused.batch_id)) == 3
+                      else None, timeout=60, what="three parked items")
+    summary = paused.summary()
+    assert summary.state == "paused" and summary.done == 1, summary
+    started = _steps_of(slow_farm, paused.batch_id)
+    assert set(started) == {int(first.item.rsplit(".", 1)[1])}, started  # only the running item rendered
+    assert sorted(parked) == sorted(set(range(4)) - set(started))
+    # Resume: exactly the parked items are sent again and render once each.
+    result = resume(paused.batch_id, settings=settings)
+    assert (result.state, result.items) == ("running", 3)
+    done = paused.wait(timeout=180)
+    assert (done.state, done.done) == ("completed", 4), done
+    steps = _steps_of(slow_farm, paused.batch_id)
+    assert sorted(steps) == [0, 1, 2, 3] and all(s.count(1) == 1 for s in steps.values()), steps
+    assert overlapping_runs(unet_steps(slow_farm.fault_log)) == []
+    assert len(_pngs(settings, paused.batch_id)) == 4
+    manifest = open_storage(settings.storage_url).get_json(keys.batch_manifest_key(paused.batch_id))
+    assert sorted(i["index"] for i in manifest["items"]) == [0, 1, 2, 3]
+
+
+def test_submit_wait_exits_4_when_its_batch_is_cancelled(settings: Settings, model: str, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), **settings.as_env()}
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "darkroom", "submit", str(prompts), "--model", model, "--queue", "steer-nobody",
+         "--batch-id", "cancel-cli", "--steps", "2", "--width", "64", "--height", "64", "--wait"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        progress = BatchSteering(redis.Redis.from_url(settings.broker_url))
+        wait_for(lambda: progress.client.exists("darkroom:batch:cancel-cli:meta"), timeout=60,
+                 what="the batch to be submitted")
+        cancelled = run_cli("cancel", "cancel-cli", settings=settings)
+        assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout, cancelled.stderr
+        out, err = waiting.communicate(timeout=60)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 4, (out, err)
+    assert "cancelled" in out
+
+
+def test_steering_bad_input_is_one_line_exit_2_and_changes_nothing(settings: Settings, model: str) -> None:
+    handle = submit(["a cat"], model=model, queue="steer-nobody-2", batch_id="steer-bad", settings=settings,
+                    steps=2, width=64, height=64)
+    cases = [(("cancel", "no-such-batch"), "unknown batch 'no-such-batch'"),
+             (("pause", "../etc"), "invalid batch name"),
+             (("resume", handle.batch_id), "is not paused (it is queued)")]
+    for args, message in cases:
+        out = run_cli(*args, settings=settings)
+        assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert BatchSteering(handle.progress.client).mark(handle.batch_id) is None
+    cancel(handle.batch_id, settings=settings)
+    for args, message in ((("pause", handle.batch_id), "already cancelled"),
+                          (("resume", handle.batch_id), "is not paused (it is cancelled)")):
+        out = run_cli(*args, settings=settings)
+        assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
