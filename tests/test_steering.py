@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,20 @@ from darkroom.steering import cancel, pause, resume
 from storage import keys, open_storage
 from testkit.fleet import REPO, WorkerProcess, convert_model, run_cli
 from tests.conftest import queue_settings_for, redis_db_url
-from tests.faults import PROMPTS, RENDER, SEED, Farm, farm, mid_unet, overlapping_runs, unet_steps, wait_for
+from tests.faults import (
+    PROMPTS,
+    RENDER,
+    SEED,
+    Farm,
+    Step,
+    farm,
+    kill_group,
+    mid_unet,
+    overlapping_runs,
+    pool_children,
+    unet_steps,
+    wait_for,
+)
 
 SLOW = "slow-unet:0.3"
 
@@ -106,7 +120,7 @@ def test_cancel_stops_the_running_item_at_its_next_step_and_nothing_after_it_ren
         settings: Settings, slow_farm: Farm, client: redis.Redis) -> None:
     handle = slow_farm.submit(PROMPTS[:4], batch_id="cancel-running", steps=20)
     running = mid_unet(slow_farm, handle.batch_id, min_step=3)
-    index = int(running.item.rsplit(".", 1)[1])
+    index = _index(running)
     cancelled_at = time.monotonic()
     cancel(handle.batch_id, settings=settings)
     summary = handle.wait(timeout=60)
@@ -141,7 +155,7 @@ def test_a_paused_batch_parks_its_items_lets_another_batch_through_and_resume_re
     summary = paused.summary()
     assert summary.state == "paused" and summary.done == 1, summary
     started = _steps_of(slow_farm, paused.batch_id)
-    assert set(started) == {int(first.item.rsplit(".", 1)[1])}, started  # only the running item rendered
+    assert set(started) == {_index(first)}, started  # only the running item rendered
     assert sorted(parked) == sorted(set(range(4)) - set(started))
     # Resume: exactly the parked items are sent again and render once each.
     result = resume(paused.batch_id, settings=settings)
@@ -193,3 +207,66 @@ def test_steering_bad_input_is_one_line_exit_2_and_changes_nothing(settings: Set
                           (("resume", handle.batch_id), "is not paused (it is cancelled)")):
         out = run_cli(*args, settings=settings)
         assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
+
+
+# --- The fault suite's steering scenarios: nothing lost, nothing rendered twice into the manifest. ----------------
+
+def test_fault_a_worker_sigkilled_while_its_item_is_being_cancelled(settings: Settings, logs: Path,
+                                                                    model: str) -> None:
+    with farm(settings, "steer-kill", logs, visibility_timeout=15) as f:
+        doomed = f.start("doomed", faults=SLOW)
+        f.start("survivor", faults=SLOW)
+        handle = f.submit(PROMPTS, batch_id="cancel-killed", steps=20)
+        running = mid_unet(f, handle.batch_id, pids=pool_children(doomed), min_step=2)
+        cancel(handle.batch_id, settings=settings)
+        kill_group(doomed)  # mid-step: its item neither finished nor recorded cancelled by itself
+        # Its message comes back after the visibility timeout; the survivor then records it cancelled.
+        summary = handle.wait(timeout=240)
+    assert summary.state == "cancelled", summary
+    manifest = open_storage(settings.storage_url).get_json(keys.batch_manifest_key(handle.batch_id))
+    entries = sorted(i["index"] for i in manifest["items"])
+    assert entries == list(range(len(PROMPTS))), entries
+    statuses = {i["index"]: i["status"] for i in manifest["items"]}
+    assert set(statuses.values()) <= {"cancelled", "done"} and statuses[_index(running)] == "cancelled"
+    assert sorted(_pngs(settings, handle.batch_id)) == sorted(
+        keys.image_key(handle.batch_id, i) for i, s in statuses.items() if s == "done")
+    # The killed item never rendered again elsewhere.
+    again = [s for s in unet_steps(f.fault_log) if s.item == running.item and s.pid != running.pid]
+    assert again == [], again
+
+
+def test_fault_redis_restarted_while_a_batch_is_paused(settings: Settings, logs: Path, model: str,
+                                                       tmp_path: Path) -> None:
+    from broker.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis.start(password="steer-redis", appendonly=True, data_dir=tmp_path / "redis")
+    local = replace(settings, broker_url=server.url)
+    try:
+        with farm(local, "steer-restart", logs) as f:
+            f.start("w", faults=SLOW)
+            handle = f.submit(PROMPTS[:6], batch_id="paused-restart")
+            first = mid_unet(f, handle.batch_id, min_step=1)
+            pause(handle.batch_id, settings=local)
+            before = redis.Redis.from_url(local.broker_url)
+            wait_for(lambda: len(BatchSteering(before).parked(handle.batch_id)) == 5, timeout=120,
+                     what="five parked items")
+            before.close()
+            server.restart()  # SIGTERM (AOF flushed), then the same port and data dir
+            after = redis.Redis.from_url(local.broker_url)
+            assert BatchSteering(after).mark(handle.batch_id) == "paused"
+            assert len(BatchSteering(after).parked(handle.batch_id)) == 5
+            after.close()
+            assert handle.summary().state == "paused"
+            assert resume(handle.batch_id, settings=local).items == 5
+            done = handle.wait(timeout=300)
+    finally:
+        server.stop()
+    assert (done.state, done.done) == ("completed", 6), done
+    steps = _steps_of(f, handle.batch_id)
+    assert sorted(steps) == list(range(6)) and all(s.count(1) == 1 for s in steps.values()), steps
+    assert steps[_index(first)][0] == 1
+    assert len(_pngs(settings, handle.batch_id)) == 6
+
+
+def _index(step: Step) -> int:
+    return int(step.item.rsplit(".", 1)[1])
