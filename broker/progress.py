@@ -122,6 +122,10 @@ class BatchProgress:
                          "if tonumber(ARGV[1]) > v then redis.call('HSET', KEYS[1], 'in_manifest', ARGV[1]) end "
                          "return 0", 1, key, items)
 
+    def status(self, batch_id: str, index: int) -> str | None:
+        """One item's recorded status (done, failed, cancelled), or None while it has none."""
+        return self.client.hget(_key(batch_id, "status"), str(index))
+
     def status_of(self, batch_id: str) -> dict[int, str]:
         return {int(k): v for k, v in self.client.hgetall(_key(batch_id, "status")).items()}
 

@@ -111,6 +111,10 @@ def record_cancelled(job: GenerateJob, runtime: WorkerRuntime, *, attempt: int) 
     """An item of a cancelled batch: counted as finished (`cancelled`), with no image and no record in storage."""
     result = ItemResult(batch_id=job.batch_id, index=job.index, status="cancelled", prompt=job.prompt,
                         seed=job.seed, worker=f"{runtime.hostname}:{os.getpid()}", attempts=attempt)
+    if runtime.progress.status(job.batch_id, job.index) == "cancelled":
+        # The producer's cancel recorded it already (and wrote the manifest if that finished the batch): the
+        # thousand queued items of a cancelled batch then drain in milliseconds each, without a manifest rewrite.
+        return GenerateOutcome(result, False)
     return _record(runtime, result)
 
 
