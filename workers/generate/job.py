@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from pydantic import ValidationError
 
@@ -139,16 +140,29 @@ def write_manifest(runtime: WorkerRuntime, batch_id: str) -> str:
     """The batch manifest, written last: one entry per item, sorted by index."""
     counts = runtime.progress.counts(batch_id)
     items = runtime.progress.items(batch_id)
+    key = keys.batch_manifest_key(batch_id)
     manifest = {
         "batch_id": batch_id, "state": counts.state if counts else "unknown",
         "total": counts.total if counts else len(items), "done": sum(i.status == "done" for i in items),
         "failed": sum(i.status == "failed" for i in items),
-        "items": [i.model_dump() for i in items],
+        "items": [i.model_dump() for i in items], "finished": _finished_at(runtime, key),
     }
-    uri = runtime.storage.put_json(keys.batch_manifest_key(batch_id), manifest)
+    uri = runtime.storage.put_json(key, manifest)
     # Producers waiting on the batch return once the manifest is in storage, not merely once Redis says done.
     runtime.progress.mark_manifest(batch_id, len(items))
     return uri
+
+
+def _finished_at(runtime: WorkerRuntime, manifest_key: str) -> str:
+    """When the batch finished (UTC), the time retention judges it by. A manifest written again (a late duplicate
+    of an item) keeps the first one's time, so a re-run still writes the same bytes."""
+    try:
+        earlier = runtime.storage.get_json(manifest_key).get("finished")
+    except StorageUnavailable:
+        raise
+    except (StorageError, AttributeError):
+        earlier = None  # no manifest yet, or an unreadable one that this write replaces
+    return earlier if isinstance(earlier, str) else datetime.now(UTC).isoformat()
 
 
 def _identity(payload: object) -> tuple[str | None, int | None, str, int | None]:
