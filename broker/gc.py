@@ -94,11 +94,13 @@ class GcReport:
     def bytes(self) -> int:
         return sum(c.bytes for c in self.categories.values())
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, units: bool = True) -> dict[str, Any]:
+        """The report as JSON; `units=False` leaves out the names of what went (a task result stays small)."""
         return {"cutoff": self.cutoff.isoformat(), "older_than": format_duration(self.older_than),
                 "dry_run": self.dry_run, "objects": self.objects, "bytes": self.bytes,
                 "categories": {name: {"count": len(c.units), "objects": c.objects, "bytes": c.bytes,
-                                      "units": list(c.units)} for name, c in self.categories.items()}}
+                                      **({"units": list(c.units)} if units else {})}
+                               for name, c in self.categories.items()}}
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,9 @@ def collect_garbage(storage: Storage, progress: BatchProgress, *, older_than: ti
         for name, doomed in plan.items():
             for unit in doomed:
                 _delete(storage, unit, batch=name == "batches")
+                # One line per unit: the log is the record of what retention removed.
+                log.info("gc: deleted %s %s (%d objects, %d bytes)", name, unit.unit, len(unit.objects),
+                         sum(o.size for o in unit.objects))
     report = GcReport(cutoff, older_than, dry_run, **{name: _tally(doomed) for name, doomed in plan.items()})
     log.info("gc%s (older than %s): %d objects, %d bytes", " dry run" if dry_run else "",
              format_duration(older_than), report.objects, report.bytes)
@@ -155,8 +160,8 @@ def run_gc_job(payload: object, storage: Storage, progress: BatchProgress) -> di
     if not isinstance(dry_run, bool):
         raise InvalidRequest(f"{dry_run!r} is not true or false", field="dry_run")
     older_than = parse_duration(payload["older_than"], field="older_than")
-    return {"status": "done", **collect_garbage(storage, progress, older_than=older_than,
-                                                dry_run=dry_run).to_dict()}
+    report = collect_garbage(storage, progress, older_than=older_than, dry_run=dry_run)
+    return {"status": "done", **report.to_dict(units=False)}  # the names went to the worker's log
 
 
 def _group(listing: Iterable[ObjectInfo], unit_of: Callable[[str], K]) -> dict[K, list[ObjectInfo]]:
@@ -214,11 +219,12 @@ def _plan_int8(storage: Storage, artifacts: dict[Artifact, list[ObjectInfo]], cu
         if protected is None or (precision, fingerprint) in protected:
             continue
         manifest_key = keys.model_artifact_manifest_key(*artifact)
-        manifest = _read_json(storage, manifest_key) if any(o.key == manifest_key for o in objs) else None
+        has_manifest = any(o.key == manifest_key for o in objs)
+        manifest = _read_json(storage, manifest_key) if has_manifest else None
         created = _timestamp(manifest.get("created")) if isinstance(manifest, dict) else None
         # No manifest: a calibration still uploading (recent files) or one that died halfway (old files).
         if (created or max(o.modified for o in objs)) < cutoff:
-            first = manifest_key if manifest is not None else None
+            first = manifest_key if has_manifest else None
             candidates.append((artifact, _Doomed("/".join(artifact), first, tuple(objs))))
     if not candidates:
         return []

@@ -35,9 +35,9 @@ def gc(older_than: str | timedelta, *, dry_run: bool = False, settings: Settings
 
 def format_report(report: GcReport) -> list[str]:
     """The report as lines for a terminal: per category and in total, objects and bytes."""
-    verb = "would free (dry run, nothing deleted)" if report.dry_run else "freed"
-    lines = [f"gc {verb}: what finished before {report.cutoff.isoformat(timespec='seconds')} "
-             f"(older than {format_duration(report.older_than)})"]
+    verb = "would free (dry run: nothing deleted)" if report.dry_run else "freed"
+    lines = [f"gc {verb}, older than {format_duration(report.older_than)} "
+             f"(before {report.cutoff.isoformat(timespec='seconds')}):"]
     for name, category in report.categories.items():
         label, one, many = _LABELS[name]
         count = f"{len(category.units)} {one if len(category.units) == 1 else many}"

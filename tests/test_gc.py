@@ -294,7 +294,7 @@ def test_cli_reports_per_category_and_deletes_unless_dry_run(tmp_path: Path, pro
     assert set(store.list_keys("")) == {*gone, *stay}
     assert main(flags) == 0
     text = capsys.readouterr().out
-    assert text.startswith("gc freed: what finished before") and "older than 30d" in text
+    assert text.startswith("gc freed, older than 30d (before ")
     assert re.search(rf"batches +1 batch +{len(gone)} objects", text), text
     assert "int8 candidates" in text and "compiled blobs" in text and "total" in text
     assert set(store.list_keys("")) == set(stay)
@@ -331,7 +331,8 @@ def test_schedule_add_gc_runs_it_from_celery_beat(gc_settings: Settings, tmp_pat
             while store.list_keys(keys.batch_images_prefix("nightly-old")) and time.monotonic() < deadline:
                 time.sleep(0.5)
             assert set(store.list_keys("")) == set(stay), worker.log_tail()
-            assert "darkroom.gc" in worker.log_path.read_text()
+            log = worker.log_path.read_text()
+            assert "darkroom.gc" in log and "gc: deleted batches nightly-old (" in log, worker.log_tail()
     finally:
         beat.terminate()
         beat.wait(timeout=30)
