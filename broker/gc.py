@@ -5,7 +5,8 @@ Three kinds of leftovers pile up, and only these are ever deleted:
   manifest, contact sheet, adherence). Finished: the manifest records a finished state and Redis, if it still
   knows the batch, agrees. A batch without a manifest is running (or was never finished) and is never touched.
 - INT8 candidates older than the cutoff that were never promoted: models/<name>/int8/<fingerprint>/ that is
-  neither the model's default nor in its default history (kept for rollback) nor pinned by an unfinished batch.
+  neither the model's default nor in its default history (kept for rollback), nor pinned by an unfinished batch,
+  nor the newest INT8 artifact (what a batch pinned to `--precision int8` gets).
 - compiled blobs (ov-cache/) of artifacts that are no longer in storage.
 Float artifacts, defaults, calibration records and uploaded control or init images are never deleted.
 
@@ -124,10 +125,13 @@ def collect_garbage(storage: Storage, progress: BatchProgress, *, older_than: ti
         cutoff = now - older_than
     except OverflowError:
         cutoff = datetime.min.replace(tzinfo=UTC)
-    # 2. One paginated listing per top folder: sizes and times come with it, so only manifests are read.
+    # 2. One paginated listing per top folder: sizes and times come with it, so only manifests are read. Blobs
+    #    are listed before models: a blob is uploaded after its artifact's manifest, so every listed blob's
+    #    artifact is in the models listing, and a model converted meanwhile never has its new blobs taken for
+    #    orphans.
+    blobs = _group(storage.list_objects(keys.compiled_blobs_prefix()), keys.compiled_blob_folder_of)
     batches = _group(storage.list_objects(keys.images_prefix()), keys.batch_of)
     artifacts = _group(storage.list_objects(keys.models_prefix()), keys.artifact_of)
-    blobs = _group(storage.list_objects(keys.compiled_blobs_prefix()), keys.compiled_blob_folder_of)
     # 3. What goes: old finished batches, then old unpromoted INT8 candidates no unfinished batch pins, then the
     #    compiled blobs of every artifact that is gone or going.
     old_batches, unfinished = _plan_batches(storage, progress, batches, cutoff)
@@ -206,7 +210,8 @@ def _plan_batches(storage: Storage, progress: BatchProgress, batches: dict[str, 
 
 def _plan_int8(storage: Storage, artifacts: dict[Artifact, list[ObjectInfo]], cutoff: datetime,
                pinned: Callable[[], set[Artifact]]) -> list[tuple[Artifact, _Doomed]]:
-    """Old INT8 artifacts that are not the default, not in its history and not what new batches resolve to."""
+    """Old INT8 artifacts that are not the default, not in its history, not what new batches resolve to and not
+    pinned by an unfinished batch."""
     kept: dict[str, set[tuple[str, str]] | None] = {}
     candidates: list[tuple[Artifact, _Doomed]] = []
     for artifact, objs in sorted(artifacts.items()):
@@ -233,17 +238,21 @@ def _plan_int8(storage: Storage, artifacts: dict[Artifact, list[ObjectInfo]], cu
 
 
 def _kept_artifacts(storage: Storage, name: str) -> set[tuple[str, str]] | None:
-    """(precision, fingerprint) of a model's default, its default history, and what a new batch of it uses
-    (the newest artifact, for a model without a default record); None if that cannot be read (keep them all)."""
+    """(precision, fingerprint) of a model's default, its default history, and what new batches of it resolve to;
+    None if that cannot be read (then every one of its INT8 artifacts is kept)."""
     try:
         default = default_of(storage, name)
-        if default is None:
-            ref = resolve_model(storage, name)
-            return {(ref.precision, ref.fingerprint)}
-        return {(str(entry.get("precision")), str(entry.get("fingerprint")))
-                for entry in (default, *default.get("history", [])) if isinstance(entry, dict)}
-    except InvalidRequest:
-        return set()  # no default and no artifact manifest: nothing resolves to any of them
+        kept = {(str(entry.get("precision")), str(entry.get("fingerprint")))
+                for entry in (default, *default.get("history", [])) if isinstance(entry, dict)} if default else set()
+        # What a new batch gets (without a default record: the newest artifact), and what one pinned to
+        # `--precision int8` gets (the newest that passed): deleting either would change what users are served.
+        for precision in (None, "int8"):
+            try:
+                ref = resolve_model(storage, name, precision)
+            except InvalidRequest:
+                continue  # no artifact with a manifest (of that precision): nothing resolves to one
+            kept.add((ref.precision, ref.fingerprint))
+        return kept
     except StorageUnavailable:
         raise
     except (StorageError, AttributeError, KeyError, TypeError) as exc:

@@ -46,7 +46,7 @@ def fp(label: str) -> str:
 
 F32, F16, DEFAULT, HISTORY, CANDIDATE, FRESH, PINNED = (fp(x) for x in (
     "fp32", "fp16", "default", "history", "candidate", "fresh", "pinned"))
-N_OLDER, N_NEWER, GONE = fp("n-older"), fp("n-newer"), fp("gone")
+N_OLDER, N_NEWER, Q_OLDER, Q_NEWER, GONE = (fp(x) for x in ("n-older", "n-newer", "q-older", "q-newer", "gone"))
 SIGNATURE = fp("cpu-signature")
 
 
@@ -141,6 +141,12 @@ def fill(storage: Storage, progress: BatchProgress, tag: str) -> tuple[set[str],
     # Model n has no default record: new batches use its newest artifact, which stays; the older candidate goes.
     go |= set(put_artifact(storage, "n", "int8", N_OLDER, created=OLD - MONTH))
     stay |= set(put_artifact(storage, "n", "int8", N_NEWER, created=OLD))
+    # Model q: float default; of two old unpromoted candidates the newest stays (`--precision int8` picks it).
+    stay |= {*put_artifact(storage, "q", "fp32", F32, created=OLD - MONTH),
+             *put_artifact(storage, "q", "int8", Q_NEWER, created=OLD)}
+    go |= set(put_artifact(storage, "q", "int8", Q_OLDER, created=OLD - MONTH))
+    storage.put_json(keys.model_default_key("q"), {"precision": "fp32", "fingerprint": F32, "history": []})
+    stay.add(keys.model_default_key("q"))
     # Compiled blobs: of live artifacts they stay; of a deleted model and of the candidate going now, they go.
     stay |= {*put_blobs(storage, "m", "fp32", F32), *put_blobs(storage, "m", "int8", DEFAULT)}
     go |= {*put_blobs(storage, "gone", "fp16", GONE), *put_blobs(storage, "m", "int8", CANDIDATE)}
@@ -173,7 +179,7 @@ def test_gc_deletes_exactly_the_old_finished_unpromoted_and_orphaned(store: Stor
     assert set(store.list_keys("")) == stay
     # The report: units, objects and bytes per category, and the total.
     assert set(real.batches.units) == {f"{tag}-old", f"{tag}-old-failures"}
-    assert set(real.int8_candidates.units) == {f"m/int8/{CANDIDATE}", f"n/int8/{N_OLDER}"}
+    assert set(real.int8_candidates.units) == {f"m/int8/{CANDIDATE}", f"n/int8/{N_OLDER}", f"q/int8/{Q_OLDER}"}
     assert len(real.compiled_blobs.units) == 2 and all(u.startswith("ov-cache/CPU/") for u in real.compiled_blobs.units)
     assert real.objects == len(go) and real.bytes == sum(before[k] for k in go)
     for category, prefix in ((real.batches, "images/"), (real.int8_candidates, "models/"),
@@ -217,13 +223,14 @@ def test_without_recorded_times_the_newest_object_decides(tmp_path: Path, progre
     died = put_artifact(store, "m", "int8", GONE, created=None, manifest=False)
     age(store, died, OLD)
     uploading = put_artifact(store, "m", "int8", FRESH, created=None, manifest=False)  # files just written
+    newest = put_artifact(store, "m", "int8", PINNED, created=RECENT)  # what `--precision int8` picks
     float_old = put_artifact(store, "m", "fp32", F32, created=None)
     age(store, float_old, OLD)
     store.put_json(keys.model_default_key("m"), {"precision": "fp32", "fingerprint": F32, "history": []})
     report = collect_garbage(store, progress, older_than=MONTH, dry_run=False, now=NOW)
     assert report.batches.units == ("legacy-old",)
     assert set(report.int8_candidates.units) == {f"m/int8/{CANDIDATE}", f"m/int8/{GONE}"}
-    assert set(store.list_keys("")) == {*young, *uploading, *float_old, keys.model_default_key("m")}
+    assert set(store.list_keys("")) == {*young, *uploading, *newest, *float_old, keys.model_default_key("m")}
 
 
 def test_a_collection_stopped_halfway_is_finished_by_the_next_run(tmp_path: Path, progress: BatchProgress) -> None:
