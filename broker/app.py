@@ -13,7 +13,9 @@ from tasks.names import (
     CONVERT_QUEUE,
     CONVERT_TASK,
     DEFAULT_DEVICE,
+    GC_TASK,
     GENERATE_TASK,
+    MAINTENANCE_QUEUE,
     generate_queue,
 )
 
@@ -44,7 +46,7 @@ def make_app(settings: Settings) -> Celery:
         result_expires=settings.progress_ttl,
         task_default_queue=generate_queue(DEFAULT_DEVICE),
         task_routes={CONVERT_TASK: {"queue": CONVERT_QUEUE}, CALIBRATE_TASK: {"queue": CALIBRATE_QUEUE},
-                     GENERATE_TASK: {"queue": generate_queue(DEFAULT_DEVICE)}},
+                     GENERATE_TASK: {"queue": generate_queue(DEFAULT_DEVICE)}, GC_TASK: {"queue": MAINTENANCE_QUEUE}},
         task_track_started=True,
         task_send_sent_event=True,
         worker_send_task_events=True,
@@ -71,4 +73,4 @@ def worker_queues(device: str, extra: list[str] | None = None) -> list[Queue]:
     return [Queue(name) for name in dict.fromkeys(names)]
 
 
-KNOWN_QUEUES = (CONVERT_QUEUE, CALIBRATE_QUEUE)
+KNOWN_QUEUES = (CONVERT_QUEUE, CALIBRATE_QUEUE, MAINTENANCE_QUEUE)

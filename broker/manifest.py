@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from broker.progress import BatchProgress
-from storage import Storage, keys
+from storage import Storage, StorageError, StorageUnavailable, keys
 
 
 def write_manifest(progress: BatchProgress, storage: Storage, batch_id: str) -> str:
@@ -19,10 +19,22 @@ def write_manifest(progress: BatchProgress, storage: Storage, batch_id: str) -> 
         "done": sum(i.status == "done" for i in items),
         "failed": sum(i.status == "failed" for i in items),
         "cancelled": sum(i.status == "cancelled" for i in items),
-        "finished": datetime.now(UTC).isoformat(),
         "items": [i.model_dump() for i in items],
+        "finished": _finished_at(storage, keys.batch_manifest_key(batch_id)),
     }
     uri = storage.put_json(keys.batch_manifest_key(batch_id), manifest)
     # Producers waiting on the batch return once the manifest is in storage, not merely once Redis says done.
     progress.mark_manifest(batch_id, len(items))
     return uri
+
+
+def _finished_at(storage: Storage, manifest_key: str) -> str:
+    """When the batch finished (UTC), the time retention judges it by. A manifest written again (a late duplicate
+    of an item) keeps the first one's time, so a re-run still writes the same bytes."""
+    try:
+        earlier = storage.get_json(manifest_key).get("finished")
+    except StorageUnavailable:
+        raise
+    except (StorageError, AttributeError):
+        earlier = None  # no manifest yet, or an unreadable one that this write replaces
+    return earlier if isinstance(earlier, str) else datetime.now(UTC).isoformat()

@@ -20,7 +20,7 @@ import redis
 from broker.progress import BatchCounts
 from broker.settings import Settings, redact_url
 from tasks.errors import InvalidRequest
-from tasks.names import CALIBRATE_QUEUE, CONVERT_QUEUE, generate_queue
+from tasks.names import CALIBRATE_QUEUE, CONVERT_QUEUE, MAINTENANCE_QUEUE, generate_queue
 
 # kombu's Redis transport puts messages with a priority in lists named queue + this + the priority step.
 PRIORITY_SEPARATOR = "\x06\x16"
@@ -43,7 +43,7 @@ def queue_kind(queue: str) -> tuple[str, str]:
     """(job kind, device) of a queue name: generate.GPU.0 -> (generate, GPU.0), convert -> (convert, "")."""
     if queue.startswith(GENERATE_PREFIX):
         return "generate", queue[len(GENERATE_PREFIX):]
-    if queue in (CONVERT_QUEUE, CALIBRATE_QUEUE):
+    if queue in (CONVERT_QUEUE, CALIBRATE_QUEUE, MAINTENANCE_QUEUE):
         return queue, ""
     return "other", ""
 
@@ -56,7 +56,7 @@ class QueueReader:
         self.client = redis.Redis.from_url(broker_url, decode_responses=True, socket_connect_timeout=5,
                                            socket_timeout=10)
         # Redis drops a list when it empties: a queue seen once is still reported, at 0, rather than vanishing.
-        self.known = {CONVERT_QUEUE, CALIBRATE_QUEUE, *queues}
+        self.known = {CONVERT_QUEUE, CALIBRATE_QUEUE, MAINTENANCE_QUEUE, *queues}
 
     def queue_depths(self) -> list[QueueDepth]:
         for key in self.client.scan_iter(match=f"{GENERATE_PREFIX}*", _type="list", count=500):

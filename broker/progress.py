@@ -31,6 +31,12 @@ return redis.call('HMGET', KEYS[3], 'total', 'done', 'failed', 'cancelled')
 """
 
 
+# The states a batch manifest records once nothing more will happen to the batch: retention deletes only these
+# (a new terminal state, such as a cancelled batch's, belongs here too). "unknown": the batch's counts had left
+# Redis when its last item wrote the manifest.
+FINISHED_STATES = frozenset({"completed", "completed_with_failures", "cancelled", "unknown"})
+
+
 @dataclass(frozen=True)
 class BatchCounts:
     batch_id: str

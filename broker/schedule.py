@@ -1,4 +1,5 @@
-"""Nightly calibration schedules, held in Redis by celery-redbeat: no schedule file, a standby beat takes over."""
+"""Nightly calibration and retention schedules, held in Redis by celery-redbeat: no schedule file, a standby beat
+takes over."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ from celery import Celery
 from celery.schedules import crontab, schedule
 
 from broker.app import make_app
+from broker.gc import format_duration, parse_duration
 from broker.settings import Settings
 from tasks.errors import InvalidRequest
-from tasks.names import CALIBRATE_QUEUE, CALIBRATE_TASK
+from tasks.names import CALIBRATE_QUEUE, CALIBRATE_TASK, GC_TASK, MAINTENANCE_QUEUE
 from tasks.schemas import CalibrateJob
 
 ENTRY_PREFIX = "calibrate-"
+# Retention's one entry: never a calibration's, whose names all start with ENTRY_PREFIX.
+GC_ENTRY = "gc"
 
 
 @dataclass(frozen=True)
@@ -45,11 +49,7 @@ def add_schedule(settings: Settings, job: CalibrateJob, *, cron: str | None = No
     """Create or replace the calibration schedule of `job.name`."""
     from redbeat import RedBeatSchedulerEntry
 
-    if (cron is None) == (every is None):
-        raise InvalidRequest("give exactly one of --cron or --every", field="cron")
-    if every is not None and not every > 0:
-        raise InvalidRequest(f"{every} is not a positive number of seconds", field="every")
-    when = parse_cron(cron) if cron is not None else schedule(run_every=every)
+    when = _when(cron, every)
     app = make_app(settings)
     scheduled = job.model_copy(update={"origin": "schedule"})
     entry = RedBeatSchedulerEntry(ENTRY_PREFIX + job.name, CALIBRATE_TASK, when,
@@ -57,6 +57,31 @@ def add_schedule(settings: Settings, job: CalibrateJob, *, cron: str | None = No
                                   app=app)
     entry.save()
     return _info(entry, app)
+
+
+def add_gc_schedule(settings: Settings, older_than: str, *, cron: str | None = None,
+                    every: float | None = None) -> ScheduleInfo:
+    """Create or replace the retention schedule: `darkroom.gc` on the maintenance queue.
+
+    `older_than` is kept as written (`30d`), checked now so a typo fails here and not at 4 am.
+    """
+    from redbeat import RedBeatSchedulerEntry
+
+    when = _when(cron, every)
+    job = {"older_than": format_duration(parse_duration(older_than)), "dry_run": False}
+    app = make_app(settings)
+    entry = RedBeatSchedulerEntry(GC_ENTRY, GC_TASK, when, kwargs={"job": job},
+                                  options={"queue": MAINTENANCE_QUEUE}, app=app)
+    entry.save()
+    return _info(entry, app)
+
+
+def _when(cron: str | None, every: float | None) -> Any:
+    if (cron is None) == (every is None):
+        raise InvalidRequest("give exactly one of --cron or --every", field="cron")
+    if every is not None and not every > 0:
+        raise InvalidRequest(f"{every} is not a positive number of seconds", field="every")
+    return parse_cron(cron) if cron is not None else schedule(run_every=every)
 
 
 def list_schedules(settings: Settings) -> list[ScheduleInfo]:
@@ -77,15 +102,23 @@ def list_schedules(settings: Settings) -> list[ScheduleInfo]:
 
 
 def remove_schedule(settings: Settings, model: str) -> None:
+    _remove(settings, ENTRY_PREFIX + model, f"no schedule for model {model!r}")
+
+
+def remove_gc_schedule(settings: Settings) -> None:
+    _remove(settings, GC_ENTRY, "no gc schedule")
+
+
+def _remove(settings: Settings, name: str, missing: str) -> None:
     from redbeat import RedBeatSchedulerEntry
     from redbeat.schedulers import ensure_conf
 
     app = make_app(settings)
     ensure_conf(app)
     try:
-        entry = RedBeatSchedulerEntry.from_key(RedBeatSchedulerEntry.generate_key(app, ENTRY_PREFIX + model), app=app)
+        entry = RedBeatSchedulerEntry.from_key(RedBeatSchedulerEntry.generate_key(app, name), app=app)
     except KeyError:
-        raise InvalidRequest(f"no schedule for model {model!r}", field="name") from None
+        raise InvalidRequest(missing, field="name") from None
     entry.delete()
 
 

@@ -7,7 +7,14 @@ import json
 from typing import Any
 
 from broker.progress import BatchProgress
-from broker.schedule import add_schedule, list_schedules, remove_schedule, run_beat
+from broker.schedule import (
+    add_gc_schedule,
+    add_schedule,
+    list_schedules,
+    remove_gc_schedule,
+    remove_schedule,
+    run_beat,
+)
 from darkroom.calibration import calibrate_job, promote, roll_back, submit_calibrate
 from darkroom.cli_common import EXIT_INVALID, fail, settings_of
 from storage import ObjectNotFound, keys, open_storage
@@ -109,12 +116,20 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         float_base(open_storage(settings.storage_url), args.name)  # an unknown model fails now, not at 2 am
         info = add_schedule(settings, _job(args), cron=args.cron, every=args.every)
         print(f"{info.model}: calibration {info.when}, next at {info.next_run}")
+    elif args.action == "add-gc":
+        info = add_gc_schedule(settings, args.older_than, cron=args.cron, every=args.every)
+        print(f"gc of what is older than {info.job['older_than']}: {info.when}, next at {info.next_run} "
+              f"(on the maintenance queue)")
+    elif args.action == "remove-gc":
+        remove_gc_schedule(settings)
+        print("gc: schedule removed")
     elif args.action == "list":
         infos = list_schedules(settings)
         if args.json:
             print(json.dumps([i.__dict__ for i in infos], indent=2))
         for i in infos if not args.json else []:
-            print(f"{i.model:<20} {i.when:<24} next {i.next_run}  last {i.last_run}  mode {i.job.get('mode')}")
+            what = f"older than {i.job['older_than']}" if "older_than" in i.job else f"mode {i.job.get('mode')}"
+            print(f"{i.model:<20} {i.when:<24} next {i.next_run}  last {i.last_run}  {what}")
     else:
         remove_schedule(settings, args.name)
         print(f"{args.name}: schedule removed")
@@ -164,13 +179,20 @@ def add_model_commands(sub: Any) -> None:
     p.add_argument("name")
     p.set_defaults(func=cmd_rollback)
 
-    p = sub.add_parser("schedule", help="nightly calibration schedules (celery-redbeat)")
+    p = sub.add_parser("schedule", help="nightly calibration and retention schedules (celery-redbeat)")
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     a = actions.add_parser("add", help="calibrate NAME on a schedule")
     a.add_argument("name")
     a.add_argument("--cron", help='five cron fields, e.g. "0 2 * * *"')
     a.add_argument("--every", type=float, help="seconds between runs (instead of --cron)")
     _calibration_options(a)
+    a.set_defaults(func=cmd_schedule)
+    a = actions.add_parser("add-gc", help="run retention (darkroom gc) on a schedule, on the maintenance queue")
+    a.add_argument("--cron", help='five cron fields, e.g. "0 4 * * *"')
+    a.add_argument("--every", type=float, help="seconds between runs (instead of --cron)")
+    a.add_argument("--older-than", required=True, metavar="DURATION", help="e.g. 30d, 12h or 1d12h")
+    a.set_defaults(func=cmd_schedule)
+    a = actions.add_parser("remove-gc", help="stop the scheduled retention")
     a.set_defaults(func=cmd_schedule)
     a = actions.add_parser("list")
     a.add_argument("--json", action="store_true")

@@ -1,8 +1,9 @@
-"""`darkroom flower | metrics | gallery`, and `--metrics-port` for `darkroom worker`: running a fleet."""
+"""`darkroom flower | metrics | gallery | gc`, and `--metrics-port` for `darkroom worker`: running a fleet."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from broker.settings import METRICS_ADDRESS_ENV, METRICS_PORT_ENV
 from darkroom.batches import batch_summary
 from darkroom.cli_common import EXIT_INVALID, fail, settings_of
 from darkroom.gallery import default_gallery_dir, write_gallery
+from darkroom.gc import format_report, gc, parse_duration
 from storage import keys, open_storage
 from tasks.errors import InvalidRequest
 
@@ -86,6 +88,13 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    older_than = parse_duration(args.older_than)  # before any service is reached: a typo deletes nothing
+    report = gc(older_than, dry_run=args.dry_run, settings=settings_of(args))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else "\n".join(format_report(report)))
+    return 0
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
@@ -131,5 +140,13 @@ def add_ops_commands(sub: Any) -> None:
     p.add_argument("batch")
     p.add_argument("--out", metavar="DIR", help="default ./darkroom-data/gallery/BATCH/")
     p.set_defaults(func=cmd_gallery)
+
+    p = sub.add_parser("gc", help="retention: delete finished batches, unpromoted INT8 candidates and orphaned "
+                       "compiled blobs older than --older-than")
+    p.add_argument("--older-than", required=True, metavar="DURATION",
+                   help="e.g. 30d, 12h, 90m, 45s or 1d12h; batches by when they finished, artifacts by when made")
+    p.add_argument("--dry-run", action="store_true", help="delete nothing; report what would be freed")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_gc)
 
     _add_worker_metrics(sub)

@@ -6,8 +6,10 @@ import json
 import os
 import secrets
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -115,6 +117,15 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object as a listing sees it: what retention needs to judge it without reading it."""
+
+    key: str
+    size: int
+    modified: datetime  # timezone-aware, UTC
+
+
 class Storage(ABC):
     """Objects under string keys. Writes are atomic; keys are validated (ValueError) before any I/O."""
 
@@ -137,8 +148,22 @@ class Storage(ABC):
         """Every key that starts with `prefix` (recursively), sorted."""
 
     @abstractmethod
+    def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        """Every object under `prefix` (recursively) with its size and last-modified time, sorted by key."""
+
+    @abstractmethod
     def delete(self, key: str) -> None:
         """Remove the object; no error if there is none (a re-run job may delete twice)."""
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """Remove many objects (no error for missing ones); returns how many keys were asked for.
+
+        Every key is checked before the first deletion. Backends with a bulk call (S3) override this.
+        """
+        planned = [validate_key(key) for key in keys]
+        for key in planned:
+            self.delete(key)
+        return len(planned)
 
     @abstractmethod
     def uri(self, key: str) -> str:

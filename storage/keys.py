@@ -53,9 +53,28 @@ def relative_key(prefix: str, key: str) -> str:
     return key[len(prefix):]
 
 
+_IMAGES = "images/"
+
+
+def images_prefix() -> str:
+    """The folder of every batch's folder."""
+    return _IMAGES
+
+
 def batch_images_prefix(batch_id: str) -> str:
     """The folder of one batch: its images, item records, request, manifest and contact sheet."""
-    return f"images/{check_name('batch', batch_id)}/"
+    return f"{_IMAGES}{check_name('batch', batch_id)}/"
+
+
+def batch_of(key: str) -> str:
+    """The batch whose folder holds `key` (images/<batch>/...); InvalidName for a key outside every batch's."""
+    parts = key.split("/") if isinstance(key, str) else []
+    if len(parts) >= 3 and parts[0] + "/" == _IMAGES and parts[-1]:
+        try:
+            return check_name("batch", parts[1])
+        except InvalidName:
+            pass
+    raise InvalidName(f"{key!r} is not an object of a batch (expected {_IMAGES}<batch>/...)")
 
 
 def image_key(batch_id: str, index: int) -> str:
@@ -81,6 +100,12 @@ def contact_sheet_key(batch_id: str) -> str:
 def batch_adherence_key(batch_id: str) -> str:
     """`darkroom score`'s prompt-adherence result, beside the batch manifest."""
     return f"{batch_images_prefix(batch_id)}adherence.json"
+
+
+def batch_gc_marker_key(batch_id: str) -> str:
+    """Written by retention before it deletes a batch's manifest, deleted last: a folder holding it and no manifest
+    is a collection that stopped halfway, not a running batch."""
+    return f"{batch_images_prefix(batch_id)}gc-in-progress.json"
 
 
 def models_prefix() -> str:
@@ -144,6 +169,21 @@ def parse_artifact_manifest_key(key: str) -> tuple[str, str, str]:
                       f"(expected {models_prefix()}<name>/<precision>/<fingerprint>/{ARTIFACT_MANIFEST})")
 
 
+def artifact_of(key: str) -> tuple[str, str, str]:
+    """(name, precision, fingerprint) of the artifact folder that holds `key`; InvalidName for any other key
+    (a model's default.json, its calibration records, anything outside models/)."""
+    parts = key.split("/") if isinstance(key, str) else []
+    if len(parts) >= 5 and parts[-1]:
+        name, precision, fingerprint = parts[1:4]
+        try:
+            if key.startswith(model_artifact_prefix(name, precision, fingerprint)):
+                return name, precision, fingerprint
+        except InvalidName:
+            pass
+    raise InvalidName(f"{key!r} is not a file of an artifact "
+                      f"(expected {models_prefix()}<name>/<precision>/<fingerprint>/...)")
+
+
 def is_artifact_manifest_key(key: str) -> bool:
     """Whether `key` is an artifact's manifest (models/<name>/<precision>/<fingerprint>/manifest.json)."""
     try:
@@ -185,6 +225,31 @@ def compiled_blob_prefix(device: str, signature: str, name: str, precision: str,
         signature = hashlib.sha256(f"{signature}\nweightless".encode()).hexdigest()[:16]
     return (f"{_COMPILED_BLOBS}{check_name('device', device)}/{signature}/{check_name('model', name)}/"
             f"{check_precision(precision)}/{check_fingerprint(fingerprint)}/")
+
+
+def compiled_blobs_prefix() -> str:
+    """The folder of every artifact's compiled blobs, for every kind of device."""
+    return _COMPILED_BLOBS
+
+
+def compiled_blob_folder_of(key: str) -> tuple[str, tuple[str, str, str]]:
+    """(the compiled_blob_prefix folder holding `key`, the (name, precision, fingerprint) of its artifact).
+
+    InvalidName for a key outside that layout, so retention never mistakes another object for a blob.
+    """
+    parts = key.split("/") if isinstance(key, str) else []
+    if len(parts) >= 7 and parts[0] + "/" == _COMPILED_BLOBS and parts[-1]:
+        device, signature, name, precision, fingerprint = parts[1:6]
+        try:
+            # A stored signature is hex either way (weightless ones are a hash already), so rebuilding the folder
+            # from its parts gives the same spelling.
+            folder = compiled_blob_prefix(device, signature, name, precision, fingerprint)
+            if key.startswith(folder):
+                return folder, (name, precision, fingerprint)
+        except InvalidName:
+            pass
+    raise InvalidName(f"{key!r} is not a compiled blob "
+                      f"(expected {_COMPILED_BLOBS}<device>/<signature>/<model>/<precision>/<fingerprint>/...)")
 
 
 def compiled_blob_key(blob_prefix: str, file_name: str) -> str:

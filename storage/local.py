@@ -6,10 +6,11 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
-from storage.base import TEMP_MARKER, Storage, atomic_file, validate_key, validate_prefix
+from storage.base import TEMP_MARKER, ObjectInfo, Storage, atomic_file, validate_key, validate_prefix
 from storage.errors import ObjectNotFound, StorageAccessDenied, StorageError
 
 
@@ -44,12 +45,28 @@ class LocalStorage(Storage):
         return self._path(key).is_file()
 
     def list_keys(self, prefix: str) -> list[str]:
+        return [key for key, _path in self._walk(prefix)]
+
+    def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        found: list[ObjectInfo] = []
+        for key, path in self._walk(prefix):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue  # deleted between the walk and the stat: no longer an object
+            except OSError as exc:
+                raise StorageError(f"cannot stat {path}: {exc.strerror or exc}") from exc
+            found.append(ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC)))
+        return found
+
+    def _walk(self, prefix: str) -> list[tuple[str, Path]]:
+        """(key, path) of every object under `prefix`, sorted by key."""
         validate_prefix(prefix)
         # Walk only the deepest folder the prefix names; the rest of the prefix filters names within it.
         folder = self.root.joinpath(*prefix.split("/")[:-1])
         if not folder.is_dir():
             return []
-        found: list[str] = []
+        found: list[tuple[str, Path]] = []
         with _os_errors("list", folder):
             for dirpath, _dirs, files in os.walk(folder):
                 rel_dir = Path(dirpath).relative_to(self.root).as_posix()
@@ -58,7 +75,7 @@ class LocalStorage(Storage):
                         continue  # an atomic write in progress, or the leftover of a crashed one
                     key = name if rel_dir == "." else f"{rel_dir}/{name}"
                     if key.startswith(prefix):
-                        found.append(key)
+                        found.append((key, Path(dirpath) / name))
         return sorted(found)
 
     def delete(self, key: str) -> None:

@@ -10,13 +10,14 @@ import mimetypes
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import UTC
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from storage.base import Storage, validate_key, validate_prefix
+from storage.base import ObjectInfo, Storage, validate_key, validate_prefix
 from storage.errors import ObjectNotFound, StorageAccessDenied, StorageError, StorageUnavailable
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
@@ -30,6 +31,10 @@ _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 class S3Storage(Storage):
     """Keys live under `prefix/` in `bucket`. Endpoint and credentials come from the arguments, else the env:
     `DARKROOM_S3_ENDPOINT` or `AWS_ENDPOINT_URL`, and the standard AWS credential chain."""
+
+    # S3's limits: keys a listing page returns, keys one DeleteObjects request takes (tests lower them).
+    list_page_size = 1000
+    delete_batch_size = 1000
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  region: str | None = None, access_key: str | None = None,
@@ -116,23 +121,48 @@ class S3Storage(Storage):
         return True
 
     def list_keys(self, prefix: str) -> list[str]:
+        return [obj.key for obj in self.list_objects(prefix)]
+
+    def list_objects(self, prefix: str) -> list[ObjectInfo]:
         validate_prefix(prefix)
         full = self._full(prefix) if self.prefix else prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
-        found: list[str] = []
+        found: list[ObjectInfo] = []
         with self._errors("list", prefix):
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+            # Paginated: a listing returns at most 1000 keys a page, and a bucket of batches holds millions.
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full, PaginationConfig={"PageSize": self.list_page_size})
             for page in pages:
                 for obj in page.get("Contents", []):
                     # Keys ending in "/" are folder markers made by consoles and some servers, not objects.
                     if not obj["Key"].endswith("/"):
-                        found.append(obj["Key"][strip:])
-        return sorted(found)
+                        found.append(ObjectInfo(obj["Key"][strip:], int(obj.get("Size", 0)),
+                                                 obj["LastModified"].astimezone(UTC)))
+        return sorted(found, key=lambda o: o.key)
 
     def delete(self, key: str) -> None:
         validate_key(key)
         with self._errors("delete", key):
             self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        planned = [validate_key(key) for key in keys]
+        # DeleteObjects takes at most 1000 keys a request; a missing key is no error (S3 deletes are idempotent).
+        for start in range(0, len(planned), self.delete_batch_size):
+            chunk = planned[start:start + self.delete_batch_size]
+            with self._errors("delete", chunk[0]):
+                response = self.client.delete_objects(Bucket=self.bucket, Delete={
+                    "Objects": [{"Key": self._full(key)} for key in chunk], "Quiet": True})
+            errors = response.get("Errors") or []
+            if errors:
+                first = errors[0]
+                code = str(first.get("Code", ""))
+                where = f"s3://{self.bucket}/{first.get('Key', '')}"
+                kind = StorageAccessDenied if code in _DENIED else (
+                    StorageUnavailable if code in _TRANSIENT else StorageError)
+                raise kind(f"cannot delete {len(errors)} of {len(chunk)} objects, e.g. {where}: {code} "
+                           f"{_one_line(str(first.get('Message', '')))}".rstrip())
+        return len(planned)
 
     def uri(self, key: str) -> str:
         validate_prefix(key)

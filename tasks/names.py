@@ -8,9 +8,12 @@ from __future__ import annotations
 GENERATE_TASK = "darkroom.generate"
 CONVERT_TASK = "darkroom.convert"
 CALIBRATE_TASK = "darkroom.calibrate"
+GC_TASK = "darkroom.gc"
 
 CONVERT_QUEUE = "convert"
 CALIBRATE_QUEUE = "calibrate"
+# Housekeeping (retention, `darkroom.gc`): its own queue, so it never waits behind an hours-long calibration.
+MAINTENANCE_QUEUE = "maintenance"
 
 # The schedulers a request may name, mapped to diffusers classes on the worker (workers/pipelines/schedulers.py).
 SCHEDULER_NAMES: tuple[str, ...] = ("pndm", "ddim", "lms", "euler", "euler-a", "unipc", "dpm++2m")

@@ -34,7 +34,7 @@ WORKER_PASSWORD = "sec-worker-Redis-pw-97"
 # The line docs/security.md documents; the test creates exactly this user.
 ACL_LINE = (
     f"ACL SETUSER {WORKER_USER} on >{WORKER_PASSWORD} resetkeys resetchannels "
-    "~generate.* ~convert* ~calibrate* ~unacked ~unacked_index ~unacked_mutex ~_kombu.* "
+    "~generate.* ~convert* ~calibrate* ~maintenance* ~unacked ~unacked_index ~unacked_mutex ~_kombu.* "
     "~*.celery.pidbox* ~celery-task-meta-* ~darkroom:* &* -@all +@read +@write +@keyspace +@list +@hash "
     "+@set +@sortedset +@string +@pubsub +@transaction +@connection +@scripting +time -@dangerous"
 )

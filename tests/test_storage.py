@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,30 @@ def test_list_keys_sorted_recursive_and_by_prefix(store: Storage) -> None:
     assert everything == sorted(everything) and len(everything) == 6 and "top.txt" in everything
     assert store.list_keys("nothing/here/") == []
     assert store.list_keys("images/b1/00000.png") == ["images/b1/00000.png"]
+
+
+def test_list_objects_gives_sizes_and_utc_times(store: Storage) -> None:
+    before = datetime.now(UTC) - timedelta(seconds=5)  # S3 keeps whole seconds
+    for key, size in (("images/b1/00001.png", 3), ("images/b1/items/00001.json", 0), ("images/b10/x", 7)):
+        store.put_bytes(key, bytes(size))
+    listed = store.list_objects("images/b1/")
+    assert [(o.key, o.size) for o in listed] == [("images/b1/00001.png", 3), ("images/b1/items/00001.json", 0)]
+    for o in listed:
+        assert o.modified.utcoffset() == timedelta(0) and before <= o.modified <= datetime.now(UTC)
+    assert [o.key for o in store.list_objects("")] == store.list_keys("")
+
+
+def test_delete_many_checks_every_key_first_and_ignores_missing_ones(store: Storage) -> None:
+    keys_ = [f"d/{i:03d}" for i in range(12)]
+    for key in keys_:
+        store.put_bytes(key, b"x")
+    with pytest.raises(ValueError):
+        store.delete_many([keys_[0], "bad/../key"])
+    assert store.list_keys("d/") == keys_  # nothing deleted
+    if isinstance(store, S3Storage):
+        store.delete_batch_size = 5  # several DeleteObjects requests against the real server
+    assert store.delete_many([*keys_[:11], "d/never-was"]) == 12
+    assert store.list_keys("d/") == [keys_[11]]
 
 
 def test_upload_dir_download_prefix_round_trip(store: Storage, tmp_path: Path) -> None:
@@ -412,6 +437,28 @@ def test_list_artifacts_reads_only_artifact_manifests(tmp_path: Path) -> None:
     assert [(m["name"], m["fingerprint"]) for m in list_artifacts(store)] == [
         ("other", "22ff22ff"), ("sd", "00ff00ff"), ("sd", "11ff11ff")]
     assert [m["fingerprint"] for m in list_artifacts(store, "sd")] == ["00ff00ff", "11ff11ff"]
+
+
+def test_keys_are_traced_back_to_their_batch_artifact_or_blob_folder() -> None:
+    for key in (keys.image_key("b1", 3), keys.contact_sheet_key("b1"), keys.item_record_key("b1", 0),
+                keys.batch_gc_marker_key("b1")):
+        assert keys.batch_of(key) == "b1" and key.startswith(keys.images_prefix())
+    artifact = ("sd", "int8", "00ff00ff")
+    for key in (keys.model_artifact_manifest_key(*artifact), keys.artifact_file_key(*artifact, "unet/x.bin")):
+        assert keys.artifact_of(key) == artifact
+    folder = keys.compiled_blob_prefix("GPU.0", "0123456789abcdef", *artifact, weightless=True)
+    assert keys.compiled_blob_folder_of(keys.compiled_blob_key(folder, "1.blob")) == (folder, artifact)
+    assert folder.startswith(keys.compiled_blobs_prefix())
+    for bad in ("images/b1", "images/b1/", "images/../x/y", "models/sd/x.png", "top.txt"):
+        with pytest.raises(keys.InvalidName):
+            keys.batch_of(bad)
+    for bad in (keys.model_default_key("sd"), keys.calibration_run_key("sd", "20240101T000000Z"),
+                "models/sd/fp32/XYZ/manifest.json", "models/sd/fp32/00ff00ff/", keys.image_key("b1", 0)):
+        with pytest.raises(keys.InvalidName):
+            keys.artifact_of(bad)
+    for bad in (folder, folder + "sub/", "ov-cache/CPU/not-hex/sd/int8/00ff00ff/1.blob", keys.image_key("b", 0)):
+        with pytest.raises(keys.InvalidName):
+            keys.compiled_blob_folder_of(bad)
 
 
 def test_compiled_blob_keys_keep_their_stored_spelling() -> None:

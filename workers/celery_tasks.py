@@ -21,7 +21,7 @@ from celery.signals import task_failure, worker_process_init
 
 from broker.settings import Settings
 from tasks.errors import InvalidRequest, TransientError
-from tasks.names import CALIBRATE_TASK, CONVERT_TASK, GENERATE_TASK
+from tasks.names import CALIBRATE_TASK, CONVERT_TASK, GC_TASK, GENERATE_TASK
 from workers.runtime import metrics
 from workers.runtime.context import WorkerRuntime
 from workers.runtime.delivery import ItemLock, defer_seconds
@@ -194,6 +194,21 @@ def calibrate(self: DarkroomTask, job: dict[str, Any]) -> dict[str, Any]:
 
     # A calibration of the same model already running is waited for, not skipped: if it dies, this one must run.
     return self.guarded(lambda: run_calibrate(job, self.runtime), defer_on=(CalibrationBusy,))
+
+
+@shared_task(base=DarkroomTask, bind=True, name=GC_TASK)
+def gc(self: DarkroomTask, job: dict[str, Any]) -> dict[str, Any]:
+    """Retention, from celery beat: deletes what `darkroom gc` would (broker/gc.py), and says what it freed."""
+    from broker.gc import run_gc_job
+    from storage import StorageUnavailable
+
+    def run() -> dict[str, Any]:
+        try:
+            return run_gc_job(job, self.runtime.storage, self.runtime.progress)
+        except StorageUnavailable as exc:  # deletions are idempotent: a retry picks up where this one stopped
+            raise TransientError(f"storage unavailable: {exc}") from exc
+
+    return self.guarded(run)
 
 
 def configure_tasks(app: Celery, settings: Settings, device: str, *, preload: list[str] | None = None) -> None:
