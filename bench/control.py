@@ -72,19 +72,52 @@ def main() -> int:
             # Every worker warm: the model compiled in each pool process before anything is timed.
             submit([f"warm-up {i}" for i in range(2 * args.workers)], seed=0, **render).wait(timeout=900)
             runs = [_cancel_run(i, args.items, render, settings) for i in range(args.runs)]
+            waits = [_priority_run(i, args.items, render, settings) for i in range(args.runs)]
         finally:
             for worker in workers:
                 worker.stop()
             redis_server.stop()
     summary = {k: round(statistics.median(r[k] for r in runs), 3)
                for k in ("cancel_call_s", "to_cancelled_s", "to_idle_s")}
+    priority = {k: round(statistics.median(w[k] for w in waits), 2) for k in ("high_done_s", "image_s", "image_times")}
+    print(f"median of {args.runs}: a 2-item high batch behind {args.items} low items finished "
+          f"{priority['high_done_s']:.2f} s after its submission = {priority['image_times']:.2f} image-times "
+          f"({priority['image_s']:.3f} s per image per worker)")
     print(f"median of {args.runs}: cancel call {summary['cancel_call_s']:.3f} s, batch cancelled "
           f"{summary['to_cancelled_s']:.3f} s, last worker idle {summary['to_idle_s']:.3f} s "
           f"({args.items} items, {args.workers} workers)")
     out = REPO / "bench" / "results" / "control.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": about, "args": vars(args), "runs": runs, "median": summary}, indent=1))
+    out.write_text(json.dumps({"machine": about, "args": vars(args), "runs": runs, "median": summary,
+                                       "priority_runs": waits, "priority_median": priority}, indent=1))
     return 0
+
+
+def _priority_run(run: int, items: int, render: dict[str, Any], settings: Any) -> dict[str, Any]:
+    """A 2-item high batch submitted behind `items` low ones: how long until both its images are done, in seconds
+    and in image-times (the median seconds one worker took per image of the low batch)."""
+    from darkroom import submit
+    from darkroom.steering import cancel
+
+    # Images long enough (20 steps) that the queue's own latency is small beside them.
+    render = {**render, "steps": max(render["steps"], 20)}
+    low = submit([f"a low lighthouse, take {run}-{i}" for i in range(items)], seed=run, priority="low", **render)
+    while low.counts().done < 4:
+        time.sleep(0.02)
+    handle = submit([f"an urgent lighthouse, take {run}-{i}" for i in range(2)], seed=run, priority="high",
+                    **render)
+    started = time.perf_counter()  # from the moment its messages are in the queue
+    high = handle.wait(timeout=600, poll=0.01)
+    high_done = time.perf_counter() - started
+    per_image = statistics.median(i.seconds for i in low.summary().items if i.status == "done" and i.seconds)
+    cancel(low.batch_id, settings=settings)
+    low.wait(timeout=600)
+    # Two workers: each high image starts when a worker's current image ends (half an image on average), then
+    # takes one image: about 1.5 image-times plus the queue's latency.
+    row = {"high_done_s": round(high_done, 3), "image_s": round(per_image, 4),
+           "image_times": round(high_done / per_image, 2), "high_state": high.state}
+    print(f"priority run {run + 1}: {row}", flush=True)
+    return row
 
 
 def _cancel_run(run: int, items: int, render: dict[str, Any], settings: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from tasks.names import (
     GENERATE_TASK,
     MAINTENANCE_QUEUE,
     generate_queue,
+    priority_queue,
 )
 
 
@@ -40,6 +41,9 @@ def make_app(settings: Settings) -> Celery:
             # is handed back once it has been unacknowledged for the visibility timeout.
             "unacked_restore_interval": 10,
             "unacked_restore_throttle": 1,
+            # A worker's queues are consumed strictly in the order it lists them (with_priorities: every high
+            # queue first, every low one last), not round robin: a high batch's items go first on every worker.
+            "queue_order_strategy": "priority",
         },
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry_on_startup=True,
@@ -74,3 +78,12 @@ def worker_queues(device: str, extra: list[str] | None = None) -> list[Queue]:
 
 
 KNOWN_QUEUES = (CONVERT_QUEUE, CALIBRATE_QUEUE, MAINTENANCE_QUEUE)
+
+
+def with_priorities(queues: list[str]) -> list[str]:
+    """A worker's queues in the order it consumes them: each generation queue's high queue first, then the queues
+    as given, then each generation queue's low queue (conversion, calibration and maintenance have no priority)."""
+    generation = [q for q in queues if q not in KNOWN_QUEUES]
+    ordered = [*(priority_queue(q, "high") for q in generation), *queues,
+               *(priority_queue(q, "low") for q in generation)]
+    return list(dict.fromkeys(ordered))

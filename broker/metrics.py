@@ -20,7 +20,7 @@ import redis
 from broker.progress import BatchCounts
 from broker.settings import Settings, redact_url
 from tasks.errors import InvalidRequest
-from tasks.names import CALIBRATE_QUEUE, CONVERT_QUEUE, MAINTENANCE_QUEUE, generate_queue
+from tasks.names import CALIBRATE_QUEUE, CONVERT_QUEUE, MAINTENANCE_QUEUE, generate_queue, split_priority
 
 # kombu's Redis transport puts messages with a priority in lists named queue + this + the priority step.
 PRIORITY_SEPARATOR = "\x06\x16"
@@ -40,9 +40,10 @@ class QueueDepth:
 
 
 def queue_kind(queue: str) -> tuple[str, str]:
-    """(job kind, device) of a queue name: generate.GPU.0 -> (generate, GPU.0), convert -> (convert, "")."""
+    """(job kind, device) of a queue name: generate.GPU.0 -> (generate, GPU.0), convert -> (convert, ""); a
+    priority's queue counts for its device (generate.CPU.high -> (generate, CPU))."""
     if queue.startswith(GENERATE_PREFIX):
-        return "generate", queue[len(GENERATE_PREFIX):]
+        return "generate", split_priority(queue)[0][len(GENERATE_PREFIX):]
     if queue in (CONVERT_QUEUE, CALIBRATE_QUEUE, MAINTENANCE_QUEUE):
         return queue, ""
     return "other", ""

@@ -33,7 +33,7 @@ from darkroom.progress_view import print_summary, wait_with_progress
 from storage import ObjectNotFound, StorageError, keys, open_storage
 from tasks.errors import InvalidRequest, ServiceUnavailable
 from tasks.families import COMMON_DEFAULTS, FAMILY_RULES, WUERSTCHEN
-from tasks.names import ANNOTATORS, DEFAULT_DEVICE, SCHEDULER_NAMES
+from tasks.names import ANNOTATORS, DEFAULT_DEVICE, DEFAULT_PRIORITY, PRIORITIES, SCHEDULER_NAMES
 from tasks.request import GenerationRequest
 from tasks.tokens import LONG_PROMPT_POLICIES
 
@@ -68,7 +68,8 @@ def run_reporting_errors(func: Callable[[argparse.Namespace], int], args: argpar
 
 # The `darkroom submit` flags that are fields of the request, under the request's own names.
 SUBMIT_FIELDS = ("model", "steps", "guidance", "width", "height", "seed", "negative_prompt", "images_per_prompt",
-                 "scheduler", "device", "precision", "batch_id", "column", "queue", "skip_invalid", "long_prompts",
+                 "scheduler", "device", "precision", "batch_id", "column", "queue", "priority", "skip_invalid",
+                 "long_prompts",
                  "control_image", "annotator", "controlnet_scale", "init_image", "strength", "watermark",
                  "prior_steps", "prior_guidance")
 
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-id", help="name the batch; resubmitting a name only enqueues unfinished items")
     p.add_argument("--column", help="the prompt column of a CSV or dataset")
     p.add_argument("--queue", help="send to this queue instead of generate.DEVICE")
+    p.add_argument("--priority", choices=PRIORITIES, help=f"high, normal or low (default {DEFAULT_PRIORITY}): a "
+                   "worker takes the next image from the highest priority that has one")
     p.add_argument("--skip-invalid", action="store_true", help="enqueue the valid lines, report the others")
     p.add_argument("--control-image", metavar="PATH", help="ControlNet models: the control image of every item "
                    "(a control_image column of a .jsonl/.csv overrides it per item)")

@@ -19,7 +19,7 @@ from broker.steering import CANCELLED, PAUSED, BatchSteering
 from darkroom.submit import send_jobs
 from storage import ObjectNotFound, Storage, keys, open_storage
 from tasks.errors import InvalidRequest
-from tasks.names import generate_queue
+from tasks.names import DEFAULT_PRIORITY, PRIORITIES, generate_queue, priority_queue
 from tasks.schemas import GenerateJob, ItemResult
 
 
@@ -94,6 +94,30 @@ def resume(batch_id: str, *, settings: Settings | None = None) -> SteerResult:
     return SteerResult(batch_id, "running", sent)
 
 
+def reprioritize(batch_id: str, priority: str, *, settings: Settings | None = None) -> SteerResult:
+    """Move a batch's waiting items to another priority: each item no worker holds is sent again to the queue of
+    `priority`; the copy left in the old queue is acknowledged without rendering when it comes (done already, or
+    held by the copy running). A paused batch's parked items take the new priority when it resumes."""
+    if priority not in PRIORITIES:
+        raise InvalidRequest(f"unknown priority {priority!r}; choose one of {', '.join(PRIORITIES)}",
+                             field="priority")
+    settings, progress, counts = _open(batch_id, settings)
+    if counts.finished >= counts.total:
+        raise InvalidRequest(f"batch {batch_id!r} is already {counts.state}; there is nothing left to reorder",
+                             field="batch")
+    storage = open_storage(settings.storage_url)
+    record = storage.get_json(keys.batch_request_key(batch_id))
+    storage.put_json(keys.batch_request_key(batch_id), {**record, "priority": priority})
+    steering = BatchSteering(progress.client, ttl=settings.progress_ttl)
+    if steering.mark(batch_id) in (PAUSED, CANCELLED):
+        return SteerResult(batch_id, steering.mark(batch_id) or "", 0, f"priority {priority} from now on")
+    statuses = progress.status_of(batch_id)
+    jobs = [job for job in _jobs(storage, batch_id) if job.index not in statuses
+            and not progress.client.exists(item_lock_key(batch_id, job.index))]
+    sent = send_jobs(jobs, settings, queue=_queue(storage, batch_id, jobs)) if jobs else 0
+    return SteerResult(batch_id, counts.state, sent, f"{sent} waiting item(s) moved to priority {priority}")
+
+
 def _open(batch_id: str, settings: Settings | None) -> tuple[Settings, BatchProgress, BatchCounts]:
     """The settings, a progress client and the batch's counts; InvalidRequest naming an unknown batch."""
     settings = settings or Settings.from_env()
@@ -124,6 +148,7 @@ def _jobs(storage: Storage, batch_id: str) -> list[GenerateJob]:
 
 
 def _queue(storage: Storage, batch_id: str, jobs: list[GenerateJob]) -> str:
-    """The queue the batch was submitted to (recorded since darkroom 0.1; else its device's)."""
+    """The queue of the batch's priority beside the one it was submitted to (else its device's)."""
     record = storage.get_json(keys.batch_request_key(batch_id))
-    return record.get("queue") or generate_queue(jobs[0].device)
+    return priority_queue(record.get("queue") or generate_queue(jobs[0].device),
+                          record.get("priority", DEFAULT_PRIORITY))

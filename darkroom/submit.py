@@ -21,7 +21,7 @@ from storage import Storage, keys, open_storage
 from tasks.errors import InvalidRequest, InvalidRequests
 from tasks.families import Family, family_rules
 from tasks.models import ModelRef, resolve_model
-from tasks.names import GENERATE_TASK, generate_queue
+from tasks.names import GENERATE_TASK, generate_queue, priority_queue
 from tasks.request import GenerationRequest, Prompts, check_limits, resolve_item
 from tasks.schemas import GenerateJob, Limits
 from tasks.seeds import derive_seed, random_batch_seed
@@ -78,12 +78,13 @@ def submit(request: GenerationRequest | Prompts, /, *, settings: Settings | None
     queue = request.queue or generate_queue(request.device)
     record = {"batch_id": plan.batch_id, "batch_seed": batch_seed, "model": ref.name, "precision": ref.precision,
               "fingerprint": ref.fingerprint, "created": datetime.now(UTC).isoformat(), "queue": queue,
+              "priority": request.priority,
               "total": len(jobs), "items": [j.model_dump() for j in jobs]}
     storage.put_json(keys.batch_request_key(plan.batch_id), record)
     progress.start(plan.batch_id, len(jobs), {"model": ref.name, "fingerprint": ref.fingerprint})
     # 8. Enqueue, skipping items a previous submission of the same batch already finished.
     finished = {i for i, status in progress.status_of(plan.batch_id).items() if status == "done"}
-    enqueued = send_jobs(jobs, settings, queue=queue, skip=finished)
+    enqueued = send_jobs(jobs, settings, queue=priority_queue(queue, request.priority), skip=finished)
     invalid = tuple(str(p) for p in (*parsed.problems, *too_long))
     return BatchHandle(plan.batch_id, len(jobs), settings, invalid, enqueued, progress)
 

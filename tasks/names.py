@@ -34,6 +34,27 @@ PROMPT_COLUMNS: tuple[str, ...] = ("prompt", "text", "caption")
 DEFAULT_DEVICE = "CPU"
 
 
+# Batch priorities. Each is a queue of its own beside a generation queue (normal: the queue itself, e.g.
+# generate.CPU; high: generate.CPU.high; low: generate.CPU.low), and a worker consumes them strictly in this order.
+PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
+DEFAULT_PRIORITY = "normal"
+
+
+def priority_queue(queue: str, priority: str) -> str:
+    """The queue a batch of `priority` goes to, beside generation queue `queue`."""
+    if priority not in PRIORITIES:
+        raise ValueError(f"unknown priority {priority!r}; choose one of {', '.join(PRIORITIES)}")
+    return queue if priority == DEFAULT_PRIORITY else f"{queue}.{priority}"
+
+
+def split_priority(queue: str) -> tuple[str, str]:
+    """(generation queue, priority) of a queue name: generate.CPU.high -> (generate.CPU, high)."""
+    for priority in PRIORITIES:
+        if priority != DEFAULT_PRIORITY and queue.endswith(f".{priority}"):
+            return queue[: -len(priority) - 1], priority
+    return queue, DEFAULT_PRIORITY
+
+
 def generate_queue(device: str) -> str:
     """The generation queue a worker pinned to `device` consumes, e.g. generate.CPU, generate.GPU.0."""
     return f"generate.{device}"

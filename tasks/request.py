@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from storage import keys
 from tasks.errors import InvalidRequest
 from tasks.families import COMMON_DEFAULTS, PRIOR_FIELDS, Family
-from tasks.names import DEFAULT_DEVICE
+from tasks.names import DEFAULT_DEVICE, DEFAULT_PRIORITY
 from tasks.schemas import (
     MAX_SEED,
     AnnotatorName,
@@ -38,6 +38,8 @@ from tasks.schemas import (
     invalid_from_validation,
 )
 from tasks.tokens import LONG_PROMPT_POLICIES, LongPrompts
+
+Priority = Literal["high", "normal", "low"]
 
 # The fields an item of a prompt file may set for itself; the rest of a request is batch-wide only.
 ITEM_FIELDS: tuple[str, ...] = tuple(f for f in ItemRequest.model_fields if f != "prompt")
@@ -74,6 +76,8 @@ class GenerationRequest(BaseModel):
     prior_guidance: Guidance | None = None
     watermark: WatermarkText | None = None
     long_prompts: LongPrompts = LONG_PROMPT_POLICIES[0]
+    # Its queue among the device's: high before normal before low, each worker taking the next image in that order.
+    priority: Priority = DEFAULT_PRIORITY
     # Routing: the device whose queue takes the batch (or an explicit queue), and the artifact to use.
     device: str = DEFAULT_DEVICE
     precision: str | None = None

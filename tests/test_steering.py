@@ -270,3 +270,40 @@ def test_fault_redis_restarted_while_a_batch_is_paused(settings: Settings, logs:
 
 def _index(step: Step) -> int:
     return int(step.item.rsplit(".", 1)[1])
+
+
+def test_a_high_priority_batch_goes_ahead_of_a_low_one_as_soon_as_the_running_image_ends(
+        settings: Settings, slow_farm: Farm) -> None:
+    low = slow_farm.submit([f"a low lighthouse {i}" for i in range(10)], batch_id="prio-low", priority="low")
+    running = mid_unet(slow_farm, low.batch_id, min_step=1)
+    submitted = time.time()
+    high = slow_farm.submit(PROMPTS[:2], batch_id="prio-high", priority="high")
+    assert high.wait(timeout=120).state == "completed"
+    # The image running when the high batch arrived finished; the next two images the worker started were the
+    # high ones, then the low batch went on.
+    starts = [s for s in unet_steps(slow_farm.fault_log) if s.step == 1 and s.at > submitted]
+    order = [s.item.split(".")[0] for s in starts]
+    assert order[:2] == ["prio-high", "prio-high"], order
+    assert running.item not in [s.item for s in starts]
+    cancel(low.batch_id, settings=settings)
+    assert low.wait(timeout=60).state == "cancelled"
+
+
+def test_reprioritizing_moves_the_waiting_items_and_renders_each_once(settings: Settings, slow_farm: Farm) -> None:
+    blocker = slow_farm.submit([f"a blocking lighthouse {i}" for i in range(6)], batch_id="prio-blocker")
+    mid_unet(slow_farm, blocker.batch_id, min_step=1)
+    late = slow_farm.submit(PROMPTS[:3], batch_id="prio-late", priority="low")
+    moved = run_cli("priority", late.batch_id, "high", settings=settings)
+    assert moved.returncode == 0 and "3 waiting item(s) moved to priority high" in moved.stdout, moved.stderr
+    assert late.wait(timeout=120).done == 3
+    assert blocker.wait(timeout=180).done == 6
+    order = [s.item.split(".")[0] for s in unet_steps(slow_farm.fault_log) if s.step == 1
+             and s.item.split(".")[0] in ("prio-late", "prio-blocker")]
+    # Moved to high, the low batch went ahead of the blocker's waiting (normal) items.
+    last_late = max(i for i, batch in enumerate(order) if batch == "prio-late")
+    assert last_late < max(i for i, batch in enumerate(order) if batch == "prio-blocker"), order
+    assert order.count("prio-late") == 3, order
+    later = [s.item for s in unet_steps(slow_farm.fault_log) if s.step == 1 and s.item.startswith("prio-late.")]
+    assert sorted(later) == ["prio-late.0", "prio-late.1", "prio-late.2"]
+    bad = run_cli("priority", late.batch_id, "urgent", settings=settings)
+    assert bad.returncode == 2 and "invalid choice: 'urgent'" in bad.stderr

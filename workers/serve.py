@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from broker.app import make_app
+from broker.app import make_app, with_priorities
 from broker.progress import BatchProgress
 from broker.settings import METRICS_ADDRESS_ENV, Settings
 from tasks.names import generate_queue
@@ -39,7 +39,7 @@ def run_worker(settings: Settings, *, device: str, queues: list[str] | None = No
     #    queue unless told otherwise.
     app = make_app(settings)
     configure_tasks(app, settings, device, preload=preload)
-    names = queues or [generate_queue(device)]
+    names = with_priorities(queues or [generate_queue(device)])
     argv = ["worker", "-Q", ",".join(names), "-c", str(concurrency), "-P", "prefork",
             "-n", f"darkroom-{device}-{os.getpid()}@%h", "--loglevel", loglevel, "-E",
             "--without-mingle", "--without-gossip"]

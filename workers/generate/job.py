@@ -54,6 +54,9 @@ def run_generate(payload: object, runtime: WorkerRuntime, *, attempt: int = 1) -
         # 2. A re-delivered job whose record exists is done already: same key, same bytes.
         if storage.exists(record_key):
             result = ItemResult.model_validate(storage.get_json(record_key))
+            counts = runtime.progress.counts(job.batch_id)
+            if counts is not None and counts.in_manifest >= counts.total:
+                return GenerateOutcome(result, False)  # counted and in the finished manifest: nothing to redo
             return _record(runtime, result)
         # 3. A cancelled batch's item is recorded as such without loading a model; a paused batch's is parked,
         #    so this worker goes on to the next batch's item.
