@@ -146,8 +146,9 @@ def write_manifest(runtime: WorkerRuntime, batch_id: str) -> str:
         "items": [i.model_dump() for i in items],
     }
     uri = runtime.storage.put_json(keys.batch_manifest_key(batch_id), manifest)
-    # Producers waiting on the batch return once the manifest is in storage, not merely once Redis says done.
-    runtime.progress.mark_manifest(batch_id, len(items))
+    # Producers waiting on the batch return once the manifest is in storage, not merely once Redis says done;
+    # the epoch keeps a manifest written from counts that a retry has since reopened from marking the new outcome.
+    runtime.progress.mark_manifest(batch_id, len(items), counts.epoch if counts else None)
     return uri
 
 
