@@ -17,7 +17,7 @@ from typing import Any
 from broker.progress import BatchProgress, batch_key, dead_letter_key
 
 # KEYS: meta, status, items, dead. ARGV: reopen failed items without a dead letter ('1'/'0'), reopen dead-lettered
-# items ('1'/'0'), refuse a batch that has unfinished items ('1'/'0').
+# items ('1'/'0'), refuse a batch that has unfinished items ('1'/'0'), the batch's time to live (seconds).
 _REOPEN = """
 local total = redis.call('HGET', KEYS[1], 'total')
 if not total then return cjson.encode({state = 'unknown'}) end
@@ -31,11 +31,14 @@ local statuses = redis.call('HGETALL', KEYS[2])
 local reopened = {}
 for i = 1, #statuses, 2 do
   local index, status = statuses[i], statuses[i + 1]
+  local letter = redis.call('HGET', KEYS[4], index)
   if status == 'failed' then
-    local letter = redis.call('HGET', KEYS[4], index)
     if (letter and ARGV[2] == '1') or (not letter and ARGV[1] == '1') then
       table.insert(reopened, {index = index, item = redis.call('HGET', KEYS[3], index), dead = letter})
     end
+  elseif letter and ARGV[2] == '1' then
+    -- A dead letter of an item another delivery finished: nothing to retry, and no longer true.
+    redis.call('HDEL', KEYS[4], index)
   end
 end
 for _, entry in ipairs(reopened) do
@@ -48,6 +51,8 @@ local in_manifest = redis.call('HGET', KEYS[1], 'in_manifest') or '0'
 if #reopened > 0 then
   redis.call('HSET', KEYS[1], 'in_manifest', 0)
   redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+  -- The new attempts get the batch's full time to live, as a new batch would: it must not expire under them.
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
 end
 return cjson.encode({state = 'reopened', total = total, in_manifest = in_manifest, items = reopened})
 """
@@ -106,9 +111,10 @@ def reopen_failed(progress: BatchProgress, batch_id: str, *, failed: bool = True
                   require_finished: bool = True) -> Reopened:
     """Make the batch's failed items (`failed`: those without a dead letter; `dead`: the dead-lettered ones)
     unfinished again, so new attempts can be sent. `require_finished`: change nothing unless every item has ended.
+    With `dead`, a dead letter whose item is done (another delivery finished it) is dropped too.
     """
     flags = ["1" if flag else "0" for flag in (failed, dead, require_finished)]
-    answer: dict[str, Any] = json.loads(progress.client.eval(_REOPEN, 4, *_keys(batch_id), *flags))
+    answer: dict[str, Any] = json.loads(progress.client.eval(_REOPEN, 4, *_keys(batch_id), *flags, progress.ttl))
     # cjson spells an empty list as {}.
     items = sorted((ReopenedItem(int(e["index"]), e.get("item") or None, e.get("dead") or None)
                     for e in (answer.get("items") or [])), key=lambda i: i.index)

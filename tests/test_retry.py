@@ -11,6 +11,7 @@ byte-identical to an undisturbed render.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from broker.app import make_app
-from broker.progress import BatchProgress, dead_letter_key
+from broker.progress import BatchProgress, batch_key, dead_letter_key
 from broker.reopen import reopen_failed, restore_failed
 from broker.settings import Settings
 from darkroom import BatchHandle, dead_letters, retry, submit, submit_convert
@@ -79,6 +80,10 @@ def _consume(settings: Settings, worker: WorkerProcess, queue: str, *, on: bool 
         assert replies, f"{worker.nodename} did not answer"
     finally:
         app.close()
+    if not on:
+        # A BRPOP the worker issued before the cancel still covers the queue for up to kombu's 1 s brpop_timeout
+        # (a message it takes then is requeued): let it end, so what the test sends next stays in the queue.
+        time.sleep(2.5)
 
 
 def _manifest(settings: Settings, batch_id: str) -> dict:
@@ -178,6 +183,15 @@ def test_two_retries_at_once_send_each_item_once(settings: Settings, workers: di
     _consume(settings, workers["faulty"], queue)
     first = _submit(settings, queue, batch, prompts).wait(timeout=300)
     assert (first.done, first.failed) == (1, 2)
+    # Retried with the cause not fixed: --wait follows the new attempts, which fail again: exit 1, both listed.
+    progress = BatchProgress(settings.broker_url)
+    epoch = progress.counts(batch).epoch
+    still = run_cli("retry", batch, "--wait", settings=settings)
+    assert still.returncode == 1, still.stderr
+    assert f"batch {batch}: completed_with_failures, 1 done, 2 failed of 3" in still.stdout
+    assert "item 0 ('BROKEN one'): invalid request: prompt: injected fault" in still.stdout
+    counts = progress.counts(batch)
+    assert (counts.failed, counts.epoch, counts.in_manifest) == (2, epoch + 1, 3)  # new outcomes, manifest rewritten
     _consume(settings, workers["faulty"], queue, on=False)
 
     def attempt() -> BatchHandle | InvalidRequest:
@@ -192,7 +206,7 @@ def test_two_retries_at_once_send_each_item_once(settings: Settings, workers: di
     refused = [o for o in outcomes if isinstance(o, InvalidRequest)]
     assert len(handles) == 1 and len(refused) == 1, outcomes
     assert handles[0].retried == (0, 2) and "still running: 2 of 3" in str(refused[0])
-    assert BatchProgress(settings.broker_url).client.llen(queue) == 2
+    assert progress.client.llen(queue) == 2
     _consume(settings, workers["healthy"], queue)
     summary = handles[0].wait(timeout=300)
     assert (summary.state, summary.done, summary.failed) == ("completed", 3, 0)
@@ -218,7 +232,9 @@ def test_a_manifest_written_before_a_reopening_does_not_count_for_the_new_attemp
     progress.start(batch, 2, {})
     progress.record(ItemResult(batch_id=batch, index=0, status="done"))
     progress.record(ItemResult(batch_id=batch, index=1, status="failed", error="boom"))
-    progress.client.hset(dead_letter_key(batch), "1", json.dumps({"error": "boom"}))
+    # Item 1 a dead letter; item 0 a stale one (another delivery finished it), dropped by the reopening.
+    progress.client.hset(dead_letter_key(batch), mapping={"1": json.dumps({"error": "boom"}), "0": "{}"})
+    progress.client.expire(batch_key(batch, "meta"), 100)  # nearly expired: the new attempts get a full ttl
     before = progress.counts(batch)
     progress.mark_manifest(batch, 2, before.epoch)
     reopened = reopen_failed(progress, batch)
@@ -226,6 +242,7 @@ def test_a_manifest_written_before_a_reopening_does_not_count_for_the_new_attemp
     after = progress.counts(batch)
     assert (after.done, after.failed, after.in_manifest, after.epoch) == (1, 0, 0, before.epoch + 1)
     assert progress.status_of(batch) == {0: "done"} and not progress.client.exists(dead_letter_key(batch))
+    assert progress.client.ttl(batch_key(batch, "meta")) > progress.ttl - 60
     # A worker that read the old counts marks its (old) manifest: it must not end the new wait.
     progress.mark_manifest(batch, 2, before.epoch)
     assert progress.counts(batch).in_manifest == 0
