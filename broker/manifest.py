@@ -23,8 +23,9 @@ def write_manifest(progress: BatchProgress, storage: Storage, batch_id: str) -> 
         "finished": _finished_at(storage, keys.batch_manifest_key(batch_id)),
     }
     uri = storage.put_json(keys.batch_manifest_key(batch_id), manifest)
-    # Producers waiting on the batch return once the manifest is in storage, not merely once Redis says done.
-    progress.mark_manifest(batch_id, len(items))
+    # Producers waiting on the batch return once the manifest is in storage, not merely once Redis says done;
+    # the epoch keeps a manifest written from counts that a retry has since reopened from marking the new outcome.
+    progress.mark_manifest(batch_id, len(items), counts.epoch if counts else None)
     return uri
 
 

@@ -15,6 +15,13 @@ from broker.settings import redact_url
 from tasks.errors import ServiceUnavailable
 from tasks.schemas import ItemResult
 
+_MARK_MANIFEST = """
+if ARGV[2] ~= '' and (redis.call('HGET', KEYS[1], 'epoch') or '0') ~= ARGV[2] then return 0 end
+local v = tonumber(redis.call('HGET', KEYS[1], 'in_manifest') or '0')
+if tonumber(ARGV[1]) > v then redis.call('HSET', KEYS[1], 'in_manifest', ARGV[1]) end
+return 0
+"""
+
 # A done item stays done: a late duplicate delivery that fails must not undo a finished image.
 _RECORD = """
 local prev = redis.call('HGET', KEYS[2], ARGV[1])
@@ -45,6 +52,9 @@ class BatchCounts:
     failed: int
     # How many finished items the batch manifest in storage covered when it was last written.
     in_manifest: int = 0
+    # Raised each time failed items are reopened (retry, resubmission): a manifest written from an older epoch's
+    # counts does not mark the batch's new outcome as written.
+    epoch: int = 0
     # Items recorded `cancelled` (the batch was cancelled before they rendered, or while they did).
     cancelled: int = 0
 
@@ -95,7 +105,7 @@ class BatchProgress:
 
     def start(self, batch_id: str, total: int, meta: dict[str, Any]) -> None:
         """Register a batch; registering it again (a resubmission) keeps its progress."""
-        key = _key(batch_id, "meta")
+        key = batch_key(batch_id, "meta")
         pipe = self.client.pipeline()
         pipe.hsetnx(key, "total", total)
         pipe.hsetnx(key, "created", time.time())
@@ -104,43 +114,54 @@ class BatchProgress:
         pipe.execute()
 
     def exists(self, batch_id: str) -> bool:
-        return bool(self.client.exists(_key(batch_id, "meta")))
+        return bool(self.client.exists(batch_key(batch_id, "meta")))
 
     def record(self, result: ItemResult) -> BatchCounts:
-        keys = [_key(result.batch_id, part) for part in ("items", "status", "meta")]
+        keys = [batch_key(result.batch_id, part) for part in ("items", "status", "meta")]
         args = [result.index, result.model_dump_json(), result.status, self.ttl]
         total, done, failed, cancelled = self.client.eval(_RECORD, 3, *keys, *args)
         return BatchCounts(result.batch_id, int(total or 0), int(done or 0), int(failed or 0),
                            cancelled=int(cancelled or 0))
 
     def counts(self, batch_id: str) -> BatchCounts | None:
-        total, done, failed, manifest, cancelled = self.client.hmget(_key(batch_id, "meta"), "total", "done",
-                                                                     "failed", "in_manifest", "cancelled")
+        fields = ("total", "done", "failed", "in_manifest", "epoch", "cancelled")
+        total, done, failed, manifest, epoch, cancelled = self.client.hmget(batch_key(batch_id, "meta"), fields)
         if total is None:
             return None
         return BatchCounts(batch_id, int(total), int(done or 0), int(failed or 0), int(manifest or 0),
-                           int(cancelled or 0))
+                           int(epoch or 0), int(cancelled or 0))
 
-    def mark_manifest(self, batch_id: str, items: int) -> None:
-        """The manifest now in storage covers `items` finished items (never lowered by a late writer)."""
-        key = _key(batch_id, "meta")
-        self.client.eval("local v = tonumber(redis.call('HGET', KEYS[1], 'in_manifest') or '0') "
-                         "if tonumber(ARGV[1]) > v then redis.call('HSET', KEYS[1], 'in_manifest', ARGV[1]) end "
-                         "return 0", 1, key, items)
+    def mark_manifest(self, batch_id: str, items: int, epoch: int | None = None) -> None:
+        """The manifest now in storage covers `items` finished items (never lowered by a late writer).
+
+        `epoch`: the epoch of the counts the manifest was written from; if items were reopened since (a retry),
+        the manifest is already out of date and marks nothing.
+        """
+        key = batch_key(batch_id, "meta")
+        self.client.eval(_MARK_MANIFEST, 1, key, items, "" if epoch is None else epoch)
 
     def status(self, batch_id: str, index: int) -> str | None:
         """One item's recorded status (done, failed, cancelled), or None while it has none."""
-        return self.client.hget(_key(batch_id, "status"), str(index))
+        return self.client.hget(batch_key(batch_id, "status"), str(index))
 
     def status_of(self, batch_id: str) -> dict[int, str]:
-        return {int(k): v for k, v in self.client.hgetall(_key(batch_id, "status")).items()}
+        return {int(k): v for k, v in self.client.hgetall(batch_key(batch_id, "status")).items()}
 
     def items(self, batch_id: str) -> list[ItemResult]:
-        raw = self.client.hgetall(_key(batch_id, "items"))
+        raw = self.client.hgetall(batch_key(batch_id, "items"))
         return sorted((ItemResult.model_validate_json(v) for v in raw.values()), key=lambda r: r.index)
 
+    def dead_letters(self, batch_id: str) -> dict[int, dict[str, Any]]:
+        """The batch's dead letters (items whose worker process died on every attempt), by item index."""
+        return {int(k): json.loads(v) for k, v in self.client.hgetall(dead_letter_key(batch_id)).items()}
+
+    def batches_with_dead_letters(self) -> list[str]:
+        """Every batch that has dead letters; SCAN, so a large Redis is never blocked the way KEYS would."""
+        found = {batch_of_dead_letter_key(k) for k in self.client.scan_iter(match=DEAD_LETTERS_PATTERN, count=500)}
+        return sorted(b for b in found if b)
+
     def meta(self, batch_id: str) -> dict[str, Any]:
-        raw = self.client.hget(_key(batch_id, "meta"), "meta")
+        raw = self.client.hget(batch_key(batch_id, "meta"), "meta")
         return json.loads(raw) if raw else {}
 
     def close(self) -> None:
@@ -149,5 +170,24 @@ class BatchProgress:
             self._client = None
 
 
-def _key(batch_id: str, part: str) -> str:
-    return f"darkroom:batch:{batch_id}:{part}"
+_BATCH = "darkroom:batch:"
+
+
+def batch_key(batch_id: str, part: str) -> str:
+    """A batch's Redis keys: meta (total, counts, manifest mark), items, status, dead (its dead letters)."""
+    return f"{_BATCH}{batch_id}:{part}"
+
+
+def dead_letter_key(batch_id: str) -> str:
+    """The hash of a batch's dead letters; field: the item index, value: JSON (job, error, attempts, time)."""
+    return batch_key(batch_id, "dead")
+
+
+# Batch ids never hold ':' or glob characters (storage.keys.check_name), so this matches dead-letter keys only.
+DEAD_LETTERS_PATTERN = dead_letter_key("*")
+
+
+def batch_of_dead_letter_key(key: str) -> str | None:
+    if not key.startswith(_BATCH) or not key.endswith(":dead"):
+        return None
+    return key[len(_BATCH):-len(":dead")] or None

@@ -52,6 +52,8 @@ class BatchHandle:
     settings: Settings
     invalid: tuple[str, ...] = ()
     enqueued: int = 0
+    # The items a retry sent again (darkroom.retry).
+    retried: tuple[int, ...] = ()
     _progress: BatchProgress | None = field(default=None, repr=False)
 
     @property
@@ -94,6 +96,9 @@ class BatchHandle:
                 if (counts.in_manifest >= counts.total or now - finished_at > MANIFEST_GRACE
                         or (deadline is not None and now > deadline)):
                     return self.summary()
+            else:
+                # Items reopened by a retry are unfinished again: their manifest grace starts when they end.
+                finished_at = None
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"batch {self.batch_id}: {counts.finished}/{counts.total} finished "
                                    f"after {timeout:.0f} s")

@@ -14,6 +14,7 @@ from kombu.exceptions import OperationalError
 from broker.settings import redact_url
 from darkroom import submit
 from darkroom.batches import BatchSummary, batch_summary
+from darkroom.cli_batches import add_batch_commands
 from darkroom.cli_common import (
     EXIT_CANCELLED,
     EXIT_FAILED_ITEMS,
@@ -265,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     add_model_commands(sub)
+    add_batch_commands(sub)
     add_ops_commands(sub)
     add_steer_commands(sub)
     add_demo_model_commands(sub)

@@ -11,6 +11,7 @@ from typing import Any
 
 from broker.app import make_app
 from broker.progress import BatchProgress
+from broker.reopen import reopen_failed, restore_failed
 from broker.settings import Settings
 from darkroom.batches import BatchHandle
 from darkroom.control import resolve_controls
@@ -74,7 +75,8 @@ def submit(request: GenerationRequest | Prompts, /, *, settings: Settings | None
     batch_seed = random_batch_seed() if request.seed is None else request.seed
     plan = BatchPlan(request, ref, family, request.batch_id or _new_batch_id(), batch_seed)
     jobs = expand_jobs(plan, lines, images, limits)
-    # 7. Record the request (storage) and the batch (Redis) before the first task can finish.
+    # 7. Record the request (storage: `darkroom retry` sends its jobs again, to its queue) and the batch (Redis)
+    #    before the first task can finish.
     queue = request.queue or generate_queue(request.device)
     record = {"batch_id": plan.batch_id, "batch_seed": batch_seed, "model": ref.name, "precision": ref.precision,
               "fingerprint": ref.fingerprint, "created": datetime.now(UTC).isoformat(), "queue": queue,
@@ -82,9 +84,15 @@ def submit(request: GenerationRequest | Prompts, /, *, settings: Settings | None
               "total": len(jobs), "items": [j.model_dump() for j in jobs]}
     storage.put_json(keys.batch_request_key(plan.batch_id), record)
     progress.start(plan.batch_id, len(jobs), {"model": ref.name, "fingerprint": ref.fingerprint})
-    # 8. Enqueue, skipping items a previous submission of the same batch already finished.
+    # 8. Enqueue, skipping items a previous submission of the same batch already finished. Its failed items are
+    #    sent again, so they first count as unfinished again: wait() then waits for their new attempts.
+    reopened = reopen_failed(progress, plan.batch_id, require_finished=False)
     finished = {i for i, status in progress.status_of(plan.batch_id).items() if status == "done"}
-    enqueued = send_jobs(jobs, settings, queue=priority_queue(queue, request.priority), skip=finished)
+    try:
+        enqueued = send_jobs(jobs, settings, queue=priority_queue(queue, request.priority), skip=finished)
+    except BaseException:
+        restore_failed(progress, reopened)  # their old outcome stands until they are really sent again
+        raise
     invalid = tuple(str(p) for p in (*parsed.problems, *too_long))
     return BatchHandle(plan.batch_id, len(jobs), settings, invalid, enqueued, progress)
 
@@ -153,8 +161,6 @@ def send_jobs(jobs: Sequence[GenerateJob], settings: Settings, *, queue: str, sk
                           task_id=f"{job.batch_id}.{job.index}", producer=producer)
             sent += 1
     return sent
-
-
 
 
 def _new_batch_id() -> str:

@@ -19,12 +19,9 @@ from typing import Any
 import redis
 
 from broker.locks import HeartbeatLock, item_lock_key
+from broker.progress import dead_letter_key
 
 LOCK_TTL = 60
-
-
-def dead_letter_key(batch_id: str) -> str:
-    return f"darkroom:batch:{batch_id}:dead"
 
 
 class ItemLock(HeartbeatLock):
@@ -86,7 +83,7 @@ def defer_seconds(visibility_timeout: int) -> float:
 
 def record_dead_letter(client: redis.Redis, job: dict[str, Any], error: str, attempts: int,
                        ttl: int) -> dict[str, Any]:
-    """Keep the job and why it was given up, under darkroom:batch:<id>:dead (field: the item index)."""
+    """Keep the job and why it was given up, in its batch's dead letters (broker.progress.dead_letter_key)."""
     entry = {"index": job.get("index"), "error": error, "attempts": attempts, "job": job, "at": time.time()}
     key = dead_letter_key(str(job.get("batch_id")))
     client.hset(key, str(job.get("index")), json.dumps(entry, sort_keys=True))

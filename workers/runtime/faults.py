@@ -4,7 +4,9 @@
 
 - ``slow-unet:SECONDS``   sleep this long before every UNet forward (makes a job long enough to kill mid-loop);
 - ``crash-on-prompt:TEXT`` SIGKILL the running process at the second UNet forward of any job whose prompt
-  contains TEXT (a "poison" item that crashes its worker every time).
+  contains TEXT (a "poison" item that crashes its worker every time);
+- ``invalid-on-prompt:TEXT`` raise InvalidRequest at the first UNet forward of any job whose prompt contains
+  TEXT (an item this worker refuses: failed at once, never retried, not dead-lettered).
 
 With `DARKROOM_FAULT_LOG` set, every UNet forward of a wrapped job appends one line
 ``<pid> <batch>.<index> <step> <unix time>`` to that file, so a test can see which process is inside which
@@ -19,8 +21,11 @@ import signal
 import time
 from typing import Any
 
+from tasks.errors import InvalidRequest
+
 ENV_FAULTS = "DARKROOM_FAULT_INJECT"
 ENV_LOG = "DARKROOM_FAULT_LOG"
+KINDS = ("slow-unet", "crash-on-prompt", "invalid-on-prompt")
 
 
 def parse(spec: str) -> dict[str, str]:
@@ -28,8 +33,9 @@ def parse(spec: str) -> dict[str, str]:
     faults: dict[str, str] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, sep, value = part.partition(":")
-        if not sep or name not in ("slow-unet", "crash-on-prompt") or not value:
-            raise ValueError(f"{ENV_FAULTS}: unknown fault {part!r} (use slow-unet:SECONDS or crash-on-prompt:TEXT)")
+        if not sep or name not in KINDS or not value:
+            raise ValueError(f"{ENV_FAULTS}: unknown fault {part!r} (use slow-unet:SECONDS, crash-on-prompt:TEXT "
+                             "or invalid-on-prompt:TEXT)")
         if name == "slow-unet":
             float(value)
         faults[name] = value
@@ -63,6 +69,9 @@ class _FaultyUNet:
                 fh.write(f"{os.getpid()} {self._item} {self._step} {time.time():.3f}\n")
         if "slow-unet" in self._faults:
             time.sleep(float(self._faults["slow-unet"]))
+        refused = self._faults.get("invalid-on-prompt")
+        if refused and refused in self._prompt:
+            raise InvalidRequest(f"injected fault: prompt contains {refused!r}", field="prompt")
         poison = self._faults.get("crash-on-prompt")
         if poison and poison in self._prompt and self._step == 2:
             os.kill(os.getpid(), signal.SIGKILL)
