@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from celery import Celery
 from kombu import Queue
 
@@ -69,6 +72,19 @@ def make_app(settings: Settings) -> Celery:
     if (backend_ssl := ssl_options(settings.backend_url)) is not None:
         app.conf.redis_backend_use_ssl = backend_ssl
     return app
+
+
+def task_sender(settings: Settings) -> Callable[[str, dict[str, Any], str, str], None]:
+    """Sends a task by name (name, kwargs, queue, task id) on an app made on first use: handed to code that must
+    send one without importing Celery (broker/webhooks.py, via broker/manifest.py)."""
+    app: list[Celery] = []
+
+    def send(name: str, kwargs: dict[str, Any], queue: str, task_id: str) -> None:
+        if not app:
+            app.append(make_app(settings))
+        app[0].send_task(name, kwargs=kwargs, queue=queue, task_id=task_id)
+
+    return send
 
 
 def worker_queues(device: str, extra: list[str] | None = None) -> list[Queue]:

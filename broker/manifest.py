@@ -6,11 +6,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from broker.progress import BatchProgress
+from broker.webhooks import TaskSender, notify_batch
 from storage import Storage, StorageError, StorageUnavailable, keys
 
 
-def write_manifest(progress: BatchProgress, storage: Storage, batch_id: str) -> str:
-    """The batch manifest: one entry per finished item, sorted by index; idempotent (same items, same entries)."""
+def write_manifest(progress: BatchProgress, storage: Storage, batch_id: str, *,
+                   send: TaskSender | None = None) -> str:
+    """The batch manifest: one entry per finished item, sorted by index; idempotent (same items, same entries).
+    `send`: how to send the batch's webhook task, if it has a webhook (broker.app.task_sender)."""
     counts = progress.counts(batch_id)
     items = progress.items(batch_id)
     manifest = {
@@ -26,6 +29,8 @@ def write_manifest(progress: BatchProgress, storage: Storage, batch_id: str) -> 
     # Producers waiting on the batch return once the manifest is in storage, not merely once Redis says done;
     # the epoch keeps a manifest written from counts that a retry has since reopened from marking the new outcome.
     progress.mark_manifest(batch_id, len(items), counts.epoch if counts else None)
+    # The batch's webhook event (if its producer asked for one): once per epoch, whoever writes the manifest.
+    notify_batch(progress, manifest, uri, counts.epoch if counts else 0, send)
     return uri
 
 

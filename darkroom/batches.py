@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from broker.progress import BatchCounts, BatchProgress
 from broker.settings import Settings
 from broker.steering import CANCELLED, PAUSED, BatchSteering
+from broker.webhooks import webhook_status
 from storage import ObjectNotFound, StorageError, keys, open_storage
 from tasks.errors import InvalidRequest, ServiceUnavailable
 from tasks.schemas import ItemResult, invalid_from_validation
@@ -33,11 +34,14 @@ class BatchSummary:
     items: tuple[ItemResult, ...]
     invalid: tuple[str, ...] = ()
     cancelled: int = 0
+    # The last outcome of each webhook event: {event: {id, status, attempts, last_error, at}} (while in Redis).
+    webhooks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {
             "batch_id": self.batch_id, "state": self.state, "total": self.total, "done": self.done,
             "failed": self.failed, "cancelled": self.cancelled, "invalid": list(self.invalid),
+            "webhooks": self.webhooks,
             "items": [i.model_dump(include={"index", "prompt", "seed", "status", "uri", "error", "warnings"})
                       for i in self.items],
         }
@@ -126,7 +130,7 @@ def batch_summary(batch_id: str, settings: Settings, progress: BatchProgress | N
     if counts is not None:
         items = tuple(progress.items(batch_id))
         return BatchSummary(batch_id, live_state(counts, progress), counts.total, counts.done, counts.failed, items,
-                            invalid, counts.cancelled)
+                            invalid, counts.cancelled, webhook_status(progress.client, batch_id))
     manifest = _manifest(batch_id, settings)
     try:
         items = tuple(ItemResult.model_validate(i) for i in manifest["items"])

@@ -34,7 +34,15 @@ from darkroom.progress_view import print_summary, wait_with_progress
 from storage import ObjectNotFound, StorageError, keys, open_storage
 from tasks.errors import InvalidRequest, ServiceUnavailable
 from tasks.families import COMMON_DEFAULTS, FAMILY_RULES, WUERSTCHEN
-from tasks.names import ANNOTATORS, DEFAULT_DEVICE, DEFAULT_PRIORITY, PRIORITIES, SCHEDULER_NAMES
+from tasks.names import (
+    ANNOTATORS,
+    BATCH_WEBHOOK_EVENTS,
+    DEFAULT_DEVICE,
+    DEFAULT_PRIORITY,
+    PRIORITIES,
+    SCHEDULER_NAMES,
+    WEBHOOK_EVENTS,
+)
 from tasks.request import GenerationRequest
 from tasks.tokens import LONG_PROMPT_POLICIES
 
@@ -72,7 +80,7 @@ SUBMIT_FIELDS = ("model", "steps", "guidance", "width", "height", "seed", "negat
                  "scheduler", "device", "precision", "batch_id", "column", "queue", "priority", "skip_invalid",
                  "long_prompts",
                  "control_image", "annotator", "controlnet_scale", "init_image", "strength", "watermark",
-                 "prior_steps", "prior_guidance")
+                 "prior_steps", "prior_guidance", "webhook", "webhook_events")
 
 
 def request_from_args(args: argparse.Namespace) -> GenerationRequest:
@@ -228,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--long-prompts", choices=LONG_PROMPT_POLICIES,
                    help="prompts longer than the model's tokens: refuse the batch (default), or render the "
                         "first tokens and record a warning in the item's result")
+    p.add_argument("--webhook", metavar="URL", help="POST the batch's events to URL (http/https; signed when "
+                   "DARKROOM_WEBHOOK_SECRET is set; default env DARKROOM_WEBHOOK_URL)")
+    p.add_argument("--webhook-events", metavar="LIST", help=f"comma-separated, among {', '.join(WEBHOOK_EVENTS)} "
+                   f"(default {','.join(BATCH_WEBHOOK_EVENTS)})")
     p.add_argument("--wait", action="store_true", help="show progress; exit 1 if any item failed")
     p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary")

@@ -26,6 +26,9 @@ def print_summary(summary: Any, *, as_json: bool) -> None:
     cancelled = f", {summary.cancelled} cancelled" if summary.cancelled else ""
     print(f"batch {summary.batch_id}: {summary.state}, {summary.done} done, {summary.failed} failed{cancelled} "
           f"of {summary.total}")
+    for event, hook in sorted(getattr(summary, "webhooks", {}).items()):
+        error = f": {hook['last_error']}" if hook.get("last_error") and hook["status"] != "delivered" else ""
+        print(f"  webhook {event}: {hook['status']} after {hook['attempts']} attempt(s) at {hook['at']}{error}")
     for item in summary.items:
         if item.status == "failed":
             print(f"  item {item.index} ({item.prompt!r}): {item.error}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from broker.app import task_sender
 from broker.locks import item_lock_key
 from broker.manifest import write_manifest
 from broker.progress import BatchCounts, BatchProgress
@@ -61,7 +62,7 @@ def cancel(batch_id: str, *, settings: Settings | None = None) -> SteerResult:
         recorded += 1
     # 3. The cancel finished the batch: its manifest, as the worker of a last item would write it.
     if last.total and last.finished >= last.total:
-        write_manifest(progress, storage, batch_id)
+        write_manifest(progress, storage, batch_id, send=task_sender(settings))
     return SteerResult(batch_id, "cancelled" if last.finished >= last.total else "cancelling", recorded)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from broker.app import make_app
 from broker.progress import BatchProgress
 from broker.reopen import reopen_failed, restore_failed
 from broker.settings import Settings
+from broker.webhooks import WEBHOOK_URL_ENV, WebhookRefused, check_url
 from darkroom.batches import BatchHandle
 from darkroom.control import resolve_controls
 from darkroom.init_images import resolve_init_images
@@ -54,6 +56,12 @@ def submit(request: GenerationRequest | Prompts, /, *, settings: Settings | None
     settings = settings or Settings.from_env()
     limits = Limits.from_env()
     check_limits(request.given(), limits)
+    webhook = request.webhook or os.environ.get(WEBHOOK_URL_ENV) or None
+    if webhook is not None:
+        try:
+            check_url(webhook)  # no POSTs to cloud metadata (SSRF); checked again at each delivery
+        except WebhookRefused as exc:
+            raise InvalidRequest(str(exc), field="webhook") from None
     # 2. Parse the prompts: every line checked against the schema and the limits.
     parsed = load_prompts(request.prompts, column=request.column, limits=limits)
     lines = require_prompts(parsed, skip_invalid=request.skip_invalid)
@@ -80,10 +88,15 @@ def submit(request: GenerationRequest | Prompts, /, *, settings: Settings | None
     queue = request.queue or generate_queue(request.device)
     record = {"batch_id": plan.batch_id, "batch_seed": batch_seed, "model": ref.name, "precision": ref.precision,
               "fingerprint": ref.fingerprint, "created": datetime.now(UTC).isoformat(), "queue": queue,
-              "priority": request.priority,
+              "priority": request.priority, "webhook": webhook,
+              "webhook_events": list(request.webhook_events),
               "total": len(jobs), "items": [j.model_dump() for j in jobs]}
     storage.put_json(keys.batch_request_key(plan.batch_id), record)
-    progress.start(plan.batch_id, len(jobs), {"model": ref.name, "fingerprint": ref.fingerprint})
+    # The webhook and the queue in Redis too: the worker that finishes the batch sends the event without reading
+    # storage, to the batch's own queue.
+    progress.start(plan.batch_id, len(jobs), {"model": ref.name, "fingerprint": ref.fingerprint, "queue": queue,
+                                              "webhook": webhook,
+                                              "webhook_events": list(request.webhook_events)})
     # 8. Enqueue, skipping items a previous submission of the same batch already finished. Its failed items are
     #    sent again, so they first count as unfinished again: wait() then waits for their new attempts.
     reopened = reopen_failed(progress, plan.batch_id, require_finished=False)

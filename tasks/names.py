@@ -9,6 +9,13 @@ GENERATE_TASK = "darkroom.generate"
 CONVERT_TASK = "darkroom.convert"
 CALIBRATE_TASK = "darkroom.calibrate"
 GC_TASK = "darkroom.gc"
+# A batch's webhook event POSTed by a worker (broker/webhooks.py), on the batch's own high priority queue.
+WEBHOOK_TASK = "darkroom.webhook"
+
+# Webhook events: a batch sends one of the three when it finishes; item.done (one per rendered item) only if asked.
+BATCH_WEBHOOK_EVENTS: tuple[str, ...] = ("batch.completed", "batch.failed", "batch.cancelled")
+ITEM_DONE_EVENT = "item.done"
+WEBHOOK_EVENTS: tuple[str, ...] = (*BATCH_WEBHOOK_EVENTS, ITEM_DONE_EVENT)
 
 CONVERT_QUEUE = "convert"
 CALIBRATE_QUEUE = "calibrate"

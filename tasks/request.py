@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from storage import keys
 from tasks.errors import InvalidRequest
 from tasks.families import COMMON_DEFAULTS, PRIOR_FIELDS, Family
-from tasks.names import DEFAULT_DEVICE, DEFAULT_PRIORITY
+from tasks.names import BATCH_WEBHOOK_EVENTS, DEFAULT_DEVICE, DEFAULT_PRIORITY, WEBHOOK_EVENTS
 from tasks.schemas import (
     MAX_SEED,
     AnnotatorName,
@@ -85,12 +85,34 @@ class GenerationRequest(BaseModel):
     # Naming the batch makes a resubmission enqueue only its unfinished items.
     batch_id: str | None = None
     skip_invalid: bool = False
+    # Where the batch's events are POSTed (http/https; the host is checked at submit and at each delivery; None:
+    # the producer's DARKROOM_WEBHOOK_URL, if set), and which events: default the three batch ones.
+    webhook: str | None = None
+    webhook_events: tuple[str, ...] = BATCH_WEBHOOK_EVENTS
 
     @field_validator("negative_prompt", mode="before")
     @classmethod
     def _strip(cls, value: Any) -> Any:
         # Stripped as a prompt file's cells are; names (model, batch_id) are not: a name with spaces is refused.
         return value.strip() if isinstance(value, str) else value
+
+    @field_validator("webhook_events", mode="before")
+    @classmethod
+    def _events(cls, value: Any) -> Any:
+        names = [e.strip() for e in value.split(",") if e.strip()] if isinstance(value, str) else value
+        unknown = [e for e in names or () if e not in WEBHOOK_EVENTS]
+        if unknown or not names:
+            raise ValueError(f"unknown event(s) {', '.join(map(str, unknown)) or '(none)'}; choose among "
+                             f"{', '.join(WEBHOOK_EVENTS)}")
+        return tuple(dict.fromkeys(names))
+
+    @field_validator("webhook")
+    @classmethod
+    def _webhook_scheme(cls, value: str | None) -> str | None:
+        # The scheme here (no network needed); the host's addresses at submit (broker/webhooks.py check_url).
+        if value is not None and not value.lower().startswith(("http://", "https://")):
+            raise ValueError("only http:// and https:// URLs are allowed")
+        return value
 
     @field_validator("batch_id")
     @classmethod

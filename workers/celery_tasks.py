@@ -19,9 +19,10 @@ from celery import Celery, Task, shared_task
 from celery.exceptions import Ignore
 from celery.signals import task_failure, worker_process_init
 
+from broker.app import task_sender
 from broker.settings import Settings
 from tasks.errors import InvalidRequest, TransientError
-from tasks.names import CALIBRATE_TASK, CONVERT_TASK, GC_TASK, GENERATE_TASK
+from tasks.names import CALIBRATE_TASK, CONVERT_TASK, GC_TASK, GENERATE_TASK, WEBHOOK_TASK
 from workers.runtime import metrics
 from workers.runtime.context import WorkerRuntime
 from workers.runtime.delivery import ItemLock, defer_seconds
@@ -80,7 +81,9 @@ class DarkroomTask(Task):
         OpenVINO or of a connection is ever inherited."""
         held = DarkroomTask._runtime
         if held is None or held[0] != os.getpid():
-            held = DarkroomTask._runtime = (os.getpid(), WorkerRuntime(cls.configured(), DarkroomTask._device))
+            settings = cls.configured()
+            runtime = WorkerRuntime(settings, DarkroomTask._device, send_task=task_sender(settings))
+            held = DarkroomTask._runtime = (os.getpid(), runtime)
         return held[1]
 
     @property
@@ -209,6 +212,21 @@ def gc(self: DarkroomTask, job: dict[str, Any]) -> dict[str, Any]:
             raise TransientError(f"storage unavailable: {exc}") from exc
 
     return self.guarded(run)
+
+
+# Its own retry schedule, not the failure policy of jobs: retried with exponential backoff for as long as
+# DARKROOM_WEBHOOK_RETRY_FOR allows (broker/webhooks.py deliver), however many attempts that is; its outcome is
+# recorded in Redis, never in the batch, and a webhook that fails never fails the batch.
+@shared_task(base=DarkroomTask, bind=True, name=WEBHOOK_TASK, ignore_result=True)
+def webhook(self: DarkroomTask, delivery: dict[str, Any]) -> dict[str, Any]:
+    """POST one event of a batch to its webhook URL, signed; sent again later on a timeout, 5xx, 408 or 429."""
+    from broker.webhooks import deliver
+
+    progress = self.runtime.progress
+    wait = deliver(delivery, progress.client, attempt=self.attempt, ttl=self.settings.progress_ttl)
+    if wait is not None:
+        raise self.retry(countdown=wait, max_retries=None)
+    return {"status": "done", "id": delivery.get("body", {}).get("id")}
 
 
 def configure_tasks(app: Celery, settings: Settings, device: str, *, preload: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from broker.manifest import write_manifest
 from broker.steering import CANCELLED, PAUSED
+from broker.webhooks import notify_item
 from storage import StorageError, StorageUnavailable, keys
 from tasks.errors import InvalidRequest, TransientError
 from tasks.schemas import GenerateJob, ItemResult, invalid_from_validation
@@ -163,8 +164,10 @@ def _record(runtime: WorkerRuntime, result: ItemResult) -> GenerateOutcome:
     """Count the item in Redis; whoever finishes the batch writes its manifest (idempotently)."""
     counts = runtime.progress.record(result)
     finished = counts.total > 0 and counts.finished >= counts.total
+    if result.status == "done":  # item.done, if the batch's producer asked for it
+        notify_item(runtime.progress, runtime.send_task, result.batch_id, result.index, result.uri, counts)
     if finished:
-        write_manifest(runtime.progress, runtime.storage, result.batch_id)
+        write_manifest(runtime.progress, runtime.storage, result.batch_id, send=runtime.send_task)
     return GenerateOutcome(result, finished)
 
 

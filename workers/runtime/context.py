@@ -12,6 +12,7 @@ from functools import cached_property
 from broker.progress import BatchProgress
 from broker.settings import Settings
 from broker.steering import BatchSteering
+from broker.webhooks import TaskSender
 from storage import Storage, open_storage
 from workers.runtime.blob_cache import SharedBlobCache, device_signature
 from workers.runtime.device import compile_config
@@ -22,6 +23,8 @@ from workers.runtime.pool import ModelPool
 class WorkerRuntime:
     settings: Settings
     device: str
+    # How job code sends a task (a batch's webhook event) without importing Celery: given by workers/celery_tasks.
+    send_task: TaskSender | None = None
 
     @cached_property
     def storage(self) -> Storage:
