@@ -166,12 +166,14 @@ def _notify(progress: BatchProgress, send: TaskSender | None, batch_id: str, eve
                 "created": created or time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
         delivery = {"batch_id": batch_id, "url": url, "body": body, "first": time.time()}
         queue = priority_queue(meta.get("queue") or "generate.CPU", "high")
+        # Recorded before sending: a fast worker's "delivered" must not be overwritten by this "queued".
+        record_status(progress.client, batch_id, event, "retrying", 0, "queued", progress.ttl, eid)
         try:
             send(WEBHOOK_TASK, {"delivery": delivery}, queue, f"webhook.{eid}")
-        except Exception:
+        except Exception as exc:
             progress.client.srem(sent, eid)  # not sent: the next writer of the manifest may send it
+            record_status(progress.client, batch_id, event, "failed", 0, f"not enqueued: {exc}", progress.ttl, eid)
             raise
-        record_status(progress.client, batch_id, event, "retrying", 0, "queued", progress.ttl, eid)
     except Exception as exc:  # noqa: BLE001 - the batch's outcome stands whatever its webhook does
         log.warning("batch %s: could not enqueue webhook %s: %s", batch_id, event, exc)
 
