@@ -233,15 +233,18 @@ def post(url: str, body: bytes, *, secret: str | None, timeout: float = TIMEOUT)
         return PostOutcome(False, True, f"{type(reason).__name__}: {reason}")
 
 
-def backoff(attempt: int) -> float:
-    """Seconds before attempt `attempt + 1`: base, 2 x base, 4 x base, ... capped at 10 minutes."""
+def backoff(attempt: int, cap: float = MAX_BACKOFF) -> float:
+    """Seconds before attempt `attempt + 1`: base, 2 x base, 4 x base, ... capped at `cap`."""
     base = float(os.environ.get(BACKOFF_ENV, DEFAULT_BACKOFF))
-    return min(base * 2.0 ** (attempt - 1), MAX_BACKOFF)
+    return min(base * 2.0 ** (attempt - 1), cap)
 
 
-def deliver(delivery: dict[str, Any], client: redis.Redis, *, attempt: int, ttl: int) -> float | None:
+def deliver(delivery: dict[str, Any], client: redis.Redis, *, attempt: int, ttl: int,
+            max_wait: float = MAX_BACKOFF) -> float | None:
     """One delivery attempt; its outcome recorded. Seconds until the next attempt, or None when this was the last
-    (delivered, refused, or past DARKROOM_WEBHOOK_RETRY_FOR since the event was enqueued)."""
+    (delivered, refused, or past DARKROOM_WEBHOOK_RETRY_FOR since the event was enqueued). `max_wait`: the
+    longest wait; a worker passes half its visibility timeout, since Redis hands a message held longer than that
+    to another worker (two copies of one delivery, both retrying)."""
     body, batch_id = delivery["body"], delivery["batch_id"]
     raw = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
     outcome = post(delivery["url"], raw, secret=os.environ.get(SECRET_ENV) or None)
@@ -250,7 +253,7 @@ def deliver(delivery: dict[str, Any], client: redis.Redis, *, attempt: int, ttl:
         record_status(client, batch_id, event, "delivered", attempt, "", ttl, eid)
         return None
     retry_for = float(os.environ.get(RETRY_FOR_ENV, DEFAULT_RETRY_FOR))
-    wait = backoff(attempt)
+    wait = backoff(attempt, min(max_wait, MAX_BACKOFF))
     if outcome.retryable and time.time() + wait - float(delivery["first"]) <= retry_for:
         record_status(client, batch_id, event, "retrying", attempt, outcome.error, ttl, eid)
         return wait

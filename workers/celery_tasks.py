@@ -223,7 +223,8 @@ def webhook(self: DarkroomTask, delivery: dict[str, Any]) -> dict[str, Any]:
     from broker.webhooks import deliver
 
     progress = self.runtime.progress
-    wait = deliver(delivery, progress.client, attempt=self.attempt, ttl=self.settings.progress_ttl)
+    wait = deliver(delivery, progress.client, attempt=self.attempt, ttl=self.settings.progress_ttl,
+                   max_wait=self.settings.visibility_timeout / 2)
     if wait is not None:
         raise self.retry(countdown=wait, max_retries=None)
     return {"status": "done", "id": delivery.get("body", {}).get("id")}
