@@ -104,7 +104,8 @@ def test_workers_are_pinned_to_their_devices_and_the_cpu_worker_scales(config: d
     def parsed(name: str) -> argparse.Namespace:
         return parser.parse_args(services[name]["command"][1:])
 
-    assert (parsed("worker-convert").device, parsed("worker-convert").queues) == ("CPU", "convert,calibrate,maintenance")
+    converter = parsed("worker-convert")
+    assert (converter.device, converter.queues) == ("CPU", "convert,calibrate,maintenance")
     assert (parsed("worker-cpu").device, parsed("worker-cpu").queues) == ("CPU", None)
     assert parsed("worker-gpu").device == "GPU" and parsed("worker-npu").device == "NPU"
     assert services["worker-gpu"]["profiles"] == ["gpu"] and services["worker-npu"]["profiles"] == ["npu"]
