@@ -22,19 +22,24 @@ if tonumber(ARGV[1]) > v then redis.call('HSET', KEYS[1], 'in_manifest', ARGV[1]
 return 0
 """
 
-# A done item stays done: a late duplicate delivery that fails must not undo a finished image.
+# A done item stays done: a late duplicate delivery that fails must not undo a finished image. Returns the counts,
+# the manifest mark, and 1 when the item's status changed (0: a duplicate that changed nothing).
 _RECORD = """
 local prev = redis.call('HGET', KEYS[2], ARGV[1])
+local changed = 0
 if not (prev == 'done' and ARGV[3] ~= 'done') then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
   if prev ~= ARGV[3] then
     if prev then redis.call('HINCRBY', KEYS[3], prev, -1) end
     redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
+    changed = 1
   end
 end
 for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
-return redis.call('HMGET', KEYS[3], 'total', 'done', 'failed', 'cancelled')
+local counts = redis.call('HMGET', KEYS[3], 'total', 'done', 'failed', 'cancelled', 'in_manifest')
+table.insert(counts, changed)
+return counts
 """
 
 
@@ -57,6 +62,8 @@ class BatchCounts:
     epoch: int = 0
     # Items recorded `cancelled` (the batch was cancelled before they rendered, or while they did).
     cancelled: int = 0
+    # From `record` only: whether that call changed the item's status (False: a duplicate that changed nothing).
+    changed: bool = True
 
     @property
     def finished(self) -> int:
@@ -119,9 +126,9 @@ class BatchProgress:
     def record(self, result: ItemResult) -> BatchCounts:
         keys = [batch_key(result.batch_id, part) for part in ("items", "status", "meta")]
         args = [result.index, result.model_dump_json(), result.status, self.ttl]
-        total, done, failed, cancelled = self.client.eval(_RECORD, 3, *keys, *args)
+        total, done, failed, cancelled, manifest, changed = self.client.eval(_RECORD, 3, *keys, *args)
         return BatchCounts(result.batch_id, int(total or 0), int(done or 0), int(failed or 0),
-                           cancelled=int(cancelled or 0))
+                           in_manifest=int(manifest or 0), cancelled=int(cancelled or 0), changed=bool(changed))
 
     def counts(self, batch_id: str) -> BatchCounts | None:
         fields = ("total", "done", "failed", "in_manifest", "epoch", "cancelled")
@@ -139,10 +146,6 @@ class BatchProgress:
         """
         key = batch_key(batch_id, "meta")
         self.client.eval(_MARK_MANIFEST, 1, key, items, "" if epoch is None else epoch)
-
-    def status(self, batch_id: str, index: int) -> str | None:
-        """One item's recorded status (done, failed, cancelled), or None while it has none."""
-        return self.client.hget(batch_key(batch_id, "status"), str(index))
 
     def status_of(self, batch_id: str) -> dict[int, str]:
         return {int(k): v for k, v in self.client.hgetall(batch_key(batch_id, "status")).items()}

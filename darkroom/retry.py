@@ -13,18 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
-
 from broker.progress import BatchProgress
 from broker.reopen import reopen_failed, restore_failed
 from broker.settings import Settings
 from broker.steering import CANCELLED, BatchSteering
 from darkroom.batches import BatchHandle
+from darkroom.records import record_jobs, record_queue, request_record
 from darkroom.submit import send_jobs
-from storage import ObjectNotFound, keys, open_storage
+from storage import keys, open_storage
 from tasks.errors import InvalidRequest
-from tasks.names import DEFAULT_PRIORITY, generate_queue, priority_queue
-from tasks.schemas import GenerateJob, invalid_from_validation
 
 
 @dataclass(frozen=True)
@@ -56,8 +53,8 @@ def retry(batch_id: str, *, failed: bool = True, dead: bool = True, settings: Se
     if BatchSteering(progress.client).mark(batch_id) == CANCELLED:
         raise InvalidRequest(f"batch {batch_id!r} was cancelled; submit it again to render it", field="batch")
     # 1. The jobs to send again, from the request record in storage: read before anything changes.
-    record = _request_record(batch_id, settings, progress)
-    jobs = _jobs_of(batch_id, record)
+    record = request_record(open_storage(settings.storage_url), batch_id, known=progress.exists(batch_id))
+    jobs = record_jobs(batch_id, record)
     # 2. Reopen the chosen items; the finished-check is in the same script, so only one of two racing retries wins.
     reopened = reopen_failed(progress, batch_id, failed=failed, dead=dead)
     if reopened.state == "unknown":
@@ -75,8 +72,7 @@ def retry(batch_id: str, *, failed: bool = True, dead: bool = True, settings: Se
         resend = [jobs[i] for i in reopened.indices]
         sent = 0
         if resend:  # to the batch's own queue (records older than that field: its device's queue)
-            queue = record.get("queue") or generate_queue(resend[0].device)
-            sent = send_jobs(resend, settings, queue=priority_queue(queue, record.get("priority", DEFAULT_PRIORITY)))
+            sent = send_jobs(resend, settings, queue=record_queue(record, resend))
     except BaseException:
         restore_failed(progress, reopened)
         raise
@@ -94,7 +90,7 @@ def dead_letters(batch_id: str | None = None, settings: Settings | None = None) 
     else:
         batches = [_check_batch(batch_id)]
         if not progress.exists(batches[0]) and not progress.dead_letters(batches[0]):
-            _request_record(batches[0], settings, progress)  # unknown everywhere: refused with one line
+            request_record(open_storage(settings.storage_url), batches[0], known=False)  # unknown: one line
     letters = []
     for batch in batches:
         for index, entry in sorted(progress.dead_letters(batch).items()):
@@ -109,26 +105,3 @@ def _check_batch(batch_id: str) -> str:
         return keys.check_name("batch", batch_id)
     except ValueError as exc:
         raise InvalidRequest(str(exc), field="batch") from None
-
-
-def _request_record(batch_id: str, settings: Settings, progress: BatchProgress) -> dict[str, Any]:
-    key = keys.batch_request_key(batch_id)
-    try:
-        record = open_storage(settings.storage_url).get_json(key)
-    except ObjectNotFound:
-        if progress.exists(batch_id):
-            raise InvalidRequest(f"batch {batch_id!r} has no request record in storage ({key}), so its jobs "
-                                 "cannot be sent again", field="batch") from None
-        raise InvalidRequest(f"unknown batch {batch_id!r}", field="batch") from None
-    if not isinstance(record, dict):
-        raise InvalidRequest(f"the request record of batch {batch_id!r} in storage is malformed", field="batch")
-    return record
-
-
-def _jobs_of(batch_id: str, record: dict[str, Any]) -> dict[int, GenerateJob]:
-    try:
-        jobs = [GenerateJob.model_validate(item) for item in record.get("items") or []]
-    except ValidationError as exc:  # a record edited or damaged in storage: one line, nothing sent
-        raise InvalidRequest(f"the request record of batch {batch_id!r} in storage is malformed: "
-                             f"{invalid_from_validation(exc)}", field="batch") from None
-    return {job.index: job for job in jobs if job.batch_id == batch_id}

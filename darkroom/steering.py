@@ -17,11 +17,12 @@ from broker.manifest import write_manifest
 from broker.progress import BatchCounts, BatchProgress
 from broker.settings import Settings
 from broker.steering import CANCELLED, PAUSED, BatchSteering
+from darkroom.records import record_jobs, record_queue, request_record
 from darkroom.submit import send_jobs
-from storage import ObjectNotFound, Storage, keys, open_storage
+from storage import ObjectNotFound, keys, open_storage
 from tasks.errors import InvalidRequest
-from tasks.names import DEFAULT_PRIORITY, PRIORITIES, generate_queue, priority_queue
-from tasks.schemas import GenerateJob, ItemResult
+from tasks.names import PRIORITIES
+from tasks.schemas import ItemResult
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def cancel(batch_id: str, *, settings: Settings | None = None) -> SteerResult:
     storage = open_storage(settings.storage_url)
     recorded, last = 0, counts
     statuses = progress.status_of(batch_id)
-    for job in _jobs(storage, batch_id):
+    for job in record_jobs(batch_id, request_record(storage, batch_id)).values():
         if job.index in statuses or progress.client.exists(item_lock_key(batch_id, job.index)):
             continue
         last = progress.record(ItemResult(batch_id=batch_id, index=job.index, status="cancelled",
@@ -89,9 +90,9 @@ def resume(batch_id: str, *, settings: Settings | None = None) -> SteerResult:
         state = "cancelled" if mark == CANCELLED else counts.state
         raise InvalidRequest(f"batch {batch_id!r} is not paused (it is {state})", field="batch")
     storage = open_storage(settings.storage_url)
-    wanted = set(parked)
-    jobs = [job for job in _jobs(storage, batch_id) if job.index in wanted]
-    sent = send_jobs(jobs, settings, queue=_queue(storage, batch_id, jobs)) if jobs else 0
+    record = request_record(storage, batch_id)
+    jobs = [job for index, job in record_jobs(batch_id, record).items() if index in set(parked)]
+    sent = send_jobs(jobs, settings, queue=record_queue(record, jobs)) if jobs else 0
     return SteerResult(batch_id, "running", sent)
 
 
@@ -107,15 +108,15 @@ def reprioritize(batch_id: str, priority: str, *, settings: Settings | None = No
         raise InvalidRequest(f"batch {batch_id!r} is already {counts.state}; there is nothing left to reorder",
                              field="batch")
     storage = open_storage(settings.storage_url)
-    record = storage.get_json(keys.batch_request_key(batch_id))
-    storage.put_json(keys.batch_request_key(batch_id), {**record, "priority": priority})
+    record = {**request_record(storage, batch_id), "priority": priority}
+    storage.put_json(keys.batch_request_key(batch_id), record)
     steering = BatchSteering(progress.client, ttl=settings.progress_ttl)
     if steering.mark(batch_id) in (PAUSED, CANCELLED):
         return SteerResult(batch_id, steering.mark(batch_id) or "", 0, f"priority {priority} from now on")
     statuses = progress.status_of(batch_id)
-    jobs = [job for job in _jobs(storage, batch_id) if job.index not in statuses
-            and not progress.client.exists(item_lock_key(batch_id, job.index))]
-    sent = send_jobs(jobs, settings, queue=_queue(storage, batch_id, jobs)) if jobs else 0
+    jobs = [job for index, job in record_jobs(batch_id, record).items() if index not in statuses
+            and not progress.client.exists(item_lock_key(batch_id, index))]
+    sent = send_jobs(jobs, settings, queue=record_queue(record, jobs)) if jobs else 0
     return SteerResult(batch_id, counts.state, sent, f"{sent} waiting item(s) moved to priority {priority}")
 
 
@@ -137,19 +138,3 @@ def _open(batch_id: str, settings: Settings | None) -> tuple[Settings, BatchProg
             raise InvalidRequest(f"unknown batch {batch_id!r}", field="batch") from None
         raise InvalidRequest(f"batch {batch_id!r} is already {manifest.get('state', 'finished')}", field="batch")
     return settings, progress, counts
-
-
-def _jobs(storage: Storage, batch_id: str) -> list[GenerateJob]:
-    """The batch's jobs as its producer recorded them in storage (the truth, whatever Redis lost)."""
-    try:
-        record = storage.get_json(keys.batch_request_key(batch_id))
-    except ObjectNotFound:
-        raise InvalidRequest(f"batch {batch_id!r} has no request record in storage", field="batch") from None
-    return [GenerateJob.model_validate(item) for item in record["items"]]
-
-
-def _queue(storage: Storage, batch_id: str, jobs: list[GenerateJob]) -> str:
-    """The queue of the batch's priority beside the one it was submitted to (else its device's)."""
-    record = storage.get_json(keys.batch_request_key(batch_id))
-    return priority_queue(record.get("queue") or generate_queue(jobs[0].device),
-                          record.get("priority", DEFAULT_PRIORITY))

@@ -104,6 +104,16 @@ def convert_model(settings: Settings, source: str | Path, name: str, *, weight_f
     return outcome
 
 
+def convert_with_worker(settings: Settings, source: str | Path, name: str, log_path: Path) -> str:
+    """Convert `source` as model `name` with a converter worker started for it and stopped after; the name."""
+    worker = WorkerProcess(settings, ["convert"], log_path).start()
+    try:
+        convert_model(settings, source, name)
+    finally:
+        worker.stop()
+    return name
+
+
 def run_cli(*args: str, settings: Settings | None = None, env: dict[str, str] | None = None,
             cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """`darkroom ARGS` as a user runs it, in its own process."""

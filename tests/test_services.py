@@ -155,7 +155,7 @@ def _listening_addresses(server: SeaweedS3) -> set[str]:
     pid = server._process.pid if server._process else None
     done = subprocess.run(["ss", "-H", "-ltnp"], capture_output=True, text=True, check=False)
     if done.returncode != 0 or pid is None:
-        pytest.skip("ss is not available")
+        pytest.skip("iproute2's `ss` is not installed: the listening sockets of the server cannot be read")
     return {line.split()[3].rsplit(":", 1)[0] for line in done.stdout.splitlines() if f"pid={pid}," in line}
 
 

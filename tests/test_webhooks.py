@@ -36,7 +36,7 @@ from darkroom.steering import cancel
 from storage import keys, open_storage
 from tasks.errors import InvalidRequest
 from tasks.request import GenerationRequest
-from testkit.fleet import WorkerProcess, convert_model, run_cli
+from testkit.fleet import WorkerProcess, convert_with_worker, run_cli
 from tests.conftest import queue_settings_for, redis_db_url
 from tests.faults import PROMPTS, RENDER, SEED, wait_for
 
@@ -118,12 +118,7 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(settings: Settings, logs: Path, tiny_sd_dir: Path) -> str:
-    worker = WorkerProcess(settings, ["convert"], logs / "convert.log").start()
-    try:
-        convert_model(settings, tiny_sd_dir, "tiny")
-    finally:
-        worker.stop()
-    return "tiny"
+    return convert_with_worker(settings, tiny_sd_dir, "tiny", logs / "convert.log")
 
 
 @pytest.fixture(scope="module")

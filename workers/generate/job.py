@@ -55,9 +55,6 @@ def run_generate(payload: object, runtime: WorkerRuntime, *, attempt: int = 1) -
         # 2. A re-delivered job whose record exists is done already: same key, same bytes.
         if storage.exists(record_key):
             result = ItemResult.model_validate(storage.get_json(record_key))
-            counts = runtime.progress.counts(job.batch_id)
-            if counts is not None and counts.in_manifest >= counts.total:
-                return GenerateOutcome(result, False)  # counted and in the finished manifest: nothing to redo
             return _record(runtime, result)
         # 3. A cancelled batch's item is recorded as such without loading a model; a paused batch's is parked,
         #    so this worker goes on to the next batch's item.
@@ -115,10 +112,6 @@ def record_cancelled(job: GenerateJob, runtime: WorkerRuntime, *, attempt: int) 
     """An item of a cancelled batch: counted as finished (`cancelled`), with no image and no record in storage."""
     result = ItemResult(batch_id=job.batch_id, index=job.index, status="cancelled", prompt=job.prompt,
                         seed=job.seed, worker=f"{runtime.hostname}:{os.getpid()}", attempts=attempt)
-    if runtime.progress.status(job.batch_id, job.index) == "cancelled":
-        # The producer's cancel recorded it already (and wrote the manifest if that finished the batch): the
-        # thousand queued items of a cancelled batch then drain in milliseconds each, without a manifest rewrite.
-        return GenerateOutcome(result, False)
     return _record(runtime, result)
 
 
@@ -161,12 +154,16 @@ def png_metadata(job: GenerateJob, device: str) -> dict[str, object]:
 
 
 def _record(runtime: WorkerRuntime, result: ItemResult) -> GenerateOutcome:
-    """Count the item in Redis; whoever finishes the batch writes its manifest (idempotently)."""
+    """Count the item in Redis; whoever finishes the batch writes its manifest (idempotently).
+
+    A duplicate that changed nothing (a redelivery of a done item, a cancelled batch's queued item the producer
+    already recorded) rewrites no manifest that already covers the batch: a thousand such items then drain in
+    milliseconds each. A manifest write that failed (a storage outage) is still retried: its mark stays short."""
     counts = runtime.progress.record(result)
     finished = counts.total > 0 and counts.finished >= counts.total
-    if result.status == "done":  # item.done, if the batch's producer asked for it
+    if result.status == "done" and counts.changed:  # item.done, if the batch's producer asked for it
         notify_item(runtime.progress, runtime.send_task, result.batch_id, result.index, result.uri, counts)
-    if finished:
+    if finished and (counts.changed or counts.in_manifest < counts.total):
         write_manifest(runtime.progress, runtime.storage, result.batch_id, send=runtime.send_task)
     return GenerateOutcome(result, finished)
 
